@@ -1,0 +1,155 @@
+"""Typed params: every knob in params.yaml, with ranges, so a typo or an impossible value fails early.
+
+Each section maps to one stage (or one part of the model). Unknown keys are refused with their dotted
+name; values out of range are refused with the key, the rule and the value given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lethe.errors import LetheError
+
+METHODS = ("baseline",)  # fine-tuning methods, each a `train@<method>` stage
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "folder"] = "digits"
+    folder: str | None = None  # image folder with metadata.jsonl (file_name, text); source=folder
+    resolution: int = Field(16, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    target_size: int = Field(200, ge=1)  # images fine-tuned on (the set that must not leak)
+    holdout_size: int = Field(200, ge=1)  # images never trained on; the rest is the pretraining split
+    dup_share: float = Field(0.1, ge=0.0, le=1.0)  # share of target images planted as duplicates
+    dup_factor: int = Field(10, ge=1)  # how many times each planted image-caption pair appears
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self):
+        if self.source == "folder" and not self.folder:
+            raise ValueError("data.source is 'folder' but data.folder is not set")
+        return self
+
+
+class UNetConfig(Section):
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+    @model_validator(mode="after")
+    def _one_block_type_per_level(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError("model.unet: down_block_types and up_block_types need one entry per block_out_channels")
+        return self
+
+
+class TextConfig(Section):
+    # width is also the U-Net's cross-attention dimension
+    width: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    context_length: int = Field(24, ge=4, le=77)
+
+
+class ModelConfig(Section):
+    kind: Literal["pixel", "latent"] = "pixel"
+    pretrained_path: str | None = None  # latent: a local diffusers Stable Diffusion directory
+    unet: UNetConfig = UNetConfig()
+    text: TextConfig = TextConfig()
+
+    @model_validator(mode="after")
+    def _latent_needs_path(self):
+        if self.kind == "latent" and not self.pretrained_path:
+            raise ValueError("model.kind is 'latent' but model.pretrained_path is not set")
+        return self
+
+
+class DiffusionConfig(Section):
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+
+
+class TrainConfig(Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # empty caption, for classifier-free guidance
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    train_text_encoder: bool = True
+    checkpoint_every: int = Field(100, ge=1)
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = "32-true"
+    seed: int = 0
+
+
+class SampleConfig(Section):
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(3.0, ge=0.0)
+    batch_size: int = Field(128, ge=1)
+    grid_size: int = Field(16, ge=1)  # images in the sample grid logged after training
+
+
+class ProbeConfig(Section):
+    """A quick check after fine-tuning: do generations land next to their own training image?"""
+
+    prompts_per_group: int = Field(20, ge=1)
+    seeds_per_prompt: int = Field(2, ge=1)
+
+
+class TrackingConfig(Section):
+    experiment: str = "lethe"
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else SQLite under <repo>/mlruns
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    pretrain: TrainConfig = TrainConfig()
+    finetune: TrainConfig = TrainConfig(train_text_encoder=False)
+    methods: dict[Literal["baseline"], dict] = {"baseline": {}}
+    sample: SampleConfig = SampleConfig()
+    probe: ProbeConfig = ProbeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if not key:  # a model-level validator: its message already names the keys
+        return error["msg"].removeprefix("Value error, ")
+    return f"'{key}': {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params; raise LetheError with one line naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise LetheError(f"{path}: not found; run from the project root or copy a preset from pipelines/")
+    except yaml.YAMLError as exc:
+        raise LetheError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        raise LetheError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise LetheError(f"{path}: {_describe(exc.errors()[0])}")

@@ -1,0 +1,1 @@
+"""Datasets: the embedded digits, a user's image folder, splits and planted duplicates."""
