@@ -100,7 +100,7 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(3.0, ge=0.0)
+    guidance_scale: float = Field(1.5, ge=0.0)
     batch_size: int = Field(128, ge=1)
     grid_size: int = Field(16, ge=1)  # images in the sample grid logged after training
 
@@ -122,8 +122,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     pretrain: TrainConfig = TrainConfig()
-    finetune: TrainConfig = TrainConfig(train_text_encoder=False)
-    methods: dict[Literal["baseline"], dict] = {"baseline": {}}
+    finetune: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     probe: ProbeConfig = ProbeConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -82,10 +82,12 @@ def fit(
             EMAWeightAveraging(decay=cfg.ema_decay, use_buffers=False),
             ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True),
             *([LearningRateMonitor(logging_interval="step"),
-               ThroughputMonitor(batch_size_fn=lambda batch: len(batch["ids"]))] if logger is not None else []),
+               # rates over a sliding window of batches; short runs get a short window
+               ThroughputMonitor(batch_size_fn=lambda batch: len(batch["ids"]), window_size=max(2, min(100, cfg.steps // 4)))]
+              if logger is not None else []),
             *callbacks,
         ],
-        log_every_n_steps=min(10, cfg.steps),
+        log_every_n_steps=max(1, min(10, cfg.steps // 4)),
         enable_model_summary=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
