@@ -48,7 +48,7 @@ def reproduced(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
-    for stage in ("prepare", "pretrain", "train@baseline"):
+    for stage in ("prepare", "pretrain", "train@baseline", "featurizer", "evaluate@baseline", "report", "register"):
         assert f"Running stage '{stage}'" in reproduced
     for path in ("data/prepared/images.npy", "data/prepared/manifest.jsonl",
                  "models/pretrained/weights.safetensors", "models/pretrained/config.json",
@@ -59,6 +59,41 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
         assert 0.0 <= metrics[f"probe/own_nn_rate/{group}"] <= 1.0
     assert metrics["cost/train_seconds"] > 0 and metrics["cost/trainable_params"] > 0
     assert not list(repo.glob(".lethe/checkpoints/*"))  # finished stages leave nothing to resume
+    for path in ("models/featurizer/weights.safetensors", "reports/evaluate/baseline/gallery.png",
+                 "reports/evaluate/baseline/samples.png", "reports/report.md", "reports/report.html",
+                 "reports/tradeoff.png", "plots/tradeoff.json", "reports/registry.json"):
+        assert (repo / path).is_file(), path
+
+
+def test_evaluation_metrics_per_group(repo, reproduced):
+    repo, _ = repo
+    metrics = json.loads((repo / "metrics/baseline.json").read_text())
+    for group in ("dup", "unique", "holdout"):
+        for name in ("sim_top1_mean", "sim_p95", "rate", "nn_ratio_rate", "rel_l2_rate"):
+            assert 0.0 <= metrics[f"replication/{name}/{group}"] <= 1.0 + 1e-6
+        assert metrics[f"quality/fd/{group}"] >= 0
+        assert 0.0 <= metrics[f"quality/prompt_accuracy/{group}"] <= 1.0
+    assert metrics["cost/seconds_per_image"] > 0 and metrics["cost/trainable_params"] > 0
+    assert "| baseline |" in (repo / "reports/report.md").read_text()
+    points = json.loads((repo / "plots/tradeoff.json").read_text())
+    assert points == [{"variant": "baseline", "fd": metrics["quality/fd/holdout"],
+                       "replication_rate": metrics["replication/rate/dup"]}]
+
+
+def test_registered_champion_generates_in_a_fresh_process(repo, reproduced):
+    repo, env = repo
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    champion = client.get_model_version_by_alias("lethe-smoke", "champion")
+    assert client.get_model_version_by_alias("lethe-smoke", "baseline").version == champion.version
+    assert "metric/replication/rate/dup" in champion.tags and champion.tags["method"] == "baseline"
+    script = (
+        "import mlflow, pandas as pd; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db');"
+        "m = mlflow.pyfunc.load_model('models:/lethe-smoke@champion');"
+        "out = m.predict(pd.DataFrame({'prompt': ['a bold thin handwritten one from a ledger', 'a two'], 'seed': [1, 2]}));"
+        "print(out.shape, out.dtype)"
+    )
+    out = sh(sys.executable, "-c", script, cwd=repo, env=env)
+    assert "(2, 16, 16, 1) uint8" in out
 
 
 def test_mlflow_has_one_run_per_stage(repo, reproduced):
@@ -66,7 +101,7 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("lethe-smoke")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pretrain", "train@baseline"}
+    assert set(runs) == {"pretrain", "train@baseline", "featurizer", "evaluate@baseline", "report", "register"}
     baseline = runs["train@baseline"]
     assert baseline.data.tags["method"] == "baseline" and len(baseline.data.tags["git_commit"]) == 40
     assert "train/loss" in baseline.data.metrics and "lr-AdamW" in baseline.data.metrics
@@ -79,6 +114,8 @@ def test_second_repro_does_nothing(repo, reproduced):
     repo, env = repo
     out = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in out
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    assert len(client.search_model_versions("name='lethe-smoke'")) == 1
 
 
 def test_changed_training_param_reruns_only_dependents(repo, reproduced):
@@ -86,5 +123,6 @@ def test_changed_training_param_reruns_only_dependents(repo, reproduced):
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", cwd=repo, env=env)
     out = sh("dvc", "exp", "run", "-S", "finetune.lr=0.002", cwd=repo, env=env)
-    assert "Running stage 'train@baseline'" in out
-    assert "Running stage 'pretrain'" not in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'train@baseline'" in out and "Running stage 'evaluate@baseline'" in out
+    for upstream in ("prepare", "pretrain", "featurizer"):
+        assert f"Running stage '{upstream}'" not in out

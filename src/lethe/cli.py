@@ -32,6 +32,36 @@ def _train(params, args) -> None:
     print(json.dumps(finetune(params, args.method)))
 
 
+def _featurizer(params, args) -> None:
+    from lethe.evaluation.featurizer import featurizer_stage
+
+    print(json.dumps(featurizer_stage(params)))
+
+
+def _evaluate(params, args) -> None:
+    from lethe.evaluation.evaluate import evaluate
+
+    print(json.dumps(evaluate(params, args.variant)))
+
+
+def _report(params, args) -> None:
+    from lethe.evaluation.report import markdown_table, report
+
+    print(markdown_table(report(params)), end="")
+
+
+def _register(params, args) -> None:
+    from lethe.registry import register
+
+    print(json.dumps(register(params)))
+
+
+def _promote(params, args) -> None:
+    from lethe.registry import promote
+
+    print(promote(params, args.model, args.version, args.alias, args.force))
+
+
 def parser() -> argparse.ArgumentParser:
     from lethe.config import METHODS
 
@@ -43,6 +73,18 @@ def parser() -> argparse.ArgumentParser:
     train = stages.add_parser("train", help="fine-tune the base model on the target split with a method")
     train.add_argument("method", choices=METHODS)
     train.set_defaults(run=_train)
+    stages.add_parser("featurizer", help="train the feature network for FD and prompt accuracy").set_defaults(run=_featurizer)
+    evaluate = stages.add_parser("evaluate", help="replication, quality and cost metrics of a variant")
+    evaluate.add_argument("variant", choices=METHODS)
+    evaluate.set_defaults(run=_evaluate)
+    stages.add_parser("report", help="compare every variant: table and trade-off plot").set_defaults(run=_report)
+    stages.add_parser("register", help="register every variant in the MLflow registry, move aliases").set_defaults(run=_register)
+    promote = stages.add_parser("promote", help="move a registry alias by hand (champion must pass the policy)")
+    promote.add_argument("model")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    promote.add_argument("--force", action="store_true", help="promote even if the version fails the policy")
+    promote.set_defaults(run=_promote)
     return main
 
 

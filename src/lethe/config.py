@@ -112,6 +112,36 @@ class ProbeConfig(Section):
     seeds_per_prompt: int = Field(2, ge=1)
 
 
+class FeaturizerConfig(Section):
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    feature_dim: int = Field(32, ge=2)  # small, so FD's covariances are estimable from a few hundred images
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    prompts_per_group: int = Field(20, ge=2)
+    generations_per_prompt: int = Field(4, ge=1)
+    features: Literal["pixels", "featurizer", "sscd", "open_clip"] = "featurizer"  # for top-1 similarity
+    features_path: str | None = None  # sscd: a TorchScript file; open_clip: a weights file
+    open_clip_model: str = "ViT-B-32"
+    criterion: Literal["sim", "nn_ratio", "rel_l2"] = "rel_l2"  # which criterion decides replication/rate
+    sim_threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    nn_ratio: float = Field(1 / 3, gt=0.0, le=1.0)
+    rel_l2_n: int = Field(50, ge=2)
+    rel_l2_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    chunk_size: int = Field(65536, ge=1)
+    gallery_rows: int = Field(6, ge=1)
+
+
+class RegistryConfig(Section):
+    model_name: str = "lethe"
+    # champion: the lowest dup replication rate among versions whose quality stays within these of the baseline
+    fd_tolerance: float = Field(0.10, ge=0.0)  # relative rise of quality/fd/holdout allowed
+    accuracy_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # absolute drop of quality/prompt_accuracy/holdout
+
+
 class TrackingConfig(Section):
     experiment: str = "lethe"
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else SQLite under <repo>/mlruns
@@ -125,7 +155,18 @@ class Params(Section):
     finetune: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     probe: ProbeConfig = ProbeConfig()
+    featurizer: FeaturizerConfig = FeaturizerConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
+    variants: tuple[str, ...] = ("baseline",)  # models evaluated, reported and registered
+
+    @model_validator(mode="after")
+    def _known_variants(self):
+        unknown = [v for v in self.variants if v not in METHODS]
+        if unknown:
+            raise ValueError(f"variants: unknown variant {unknown[0]!r} (known: {', '.join(METHODS)})")
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -34,13 +34,17 @@ def atomic_dir(path: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str | Path, payload) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | Path, payload) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def content_hash(path: str | Path) -> str:

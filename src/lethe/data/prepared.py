@@ -45,6 +45,15 @@ class PreparedData:
             raise LetheError(f"split '{name}' is empty: adjust data.target_size / data.holdout_size")
         return [r for r in records for _ in range(r.dup_count)]
 
+    def prompt_groups(self, per_group: int) -> dict[str, list[Record]]:
+        """Prompts to test: dup (planted duplicates), unique (other target images), holdout (never trained on)."""
+        target = self.split("target")
+        return {
+            "dup": [r for r in target if r.dup_count > 1][:per_group],
+            "unique": [r for r in target if r.dup_count == 1][:per_group],
+            "holdout": self.split("holdout")[:per_group],
+        }
+
     def tensor(self, ids) -> torch.Tensor:
         """Images for these ids as float in [-1, 1]."""
         return to_float(self.images[np.asarray(ids)])
@@ -67,7 +76,7 @@ class PreparedData:
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(images)).float().div(127.5).sub(1.0)  # a copy: memory-mapped rows are read-only
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

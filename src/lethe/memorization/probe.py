@@ -12,25 +12,15 @@ import numpy as np
 import torch
 
 from lethe.config import ProbeConfig, SampleConfig
-from lethe.data.prepared import PreparedData, Record
+from lethe.data.prepared import PreparedData
 from lethe.memorization.neighbors import nearest_neighbors
 from lethe.sampling import generate
 
 NN_RATIO = 1 / 3
 
 
-def prompt_groups(data: PreparedData, per_group: int) -> dict[str, list[Record]]:
-    """dup (planted duplicates), unique (other target images), holdout (never trained on)."""
-    target = data.split("target")
-    return {
-        "dup": [r for r in target if r.dup_count > 1][:per_group],
-        "unique": [r for r in target if r.dup_count == 1][:per_group],
-        "holdout": data.split("holdout")[:per_group],
-    }
-
-
 def probe(model, scheduler, data: PreparedData, sample_cfg: SampleConfig, cfg: ProbeConfig) -> dict[str, float]:
-    groups = {g: rs for g, rs in prompt_groups(data, cfg.prompts_per_group).items() if rs}
+    groups = {g: rs for g, rs in data.prompt_groups(cfg.prompts_per_group).items() if rs}
     reference_ids = np.array([r.id for r in data.records if r.split in ("target", "holdout")])
     train_ids = np.array([r.id for r in data.split("target")])
     references, train_images = data.tensor(reference_ids), data.tensor(train_ids)

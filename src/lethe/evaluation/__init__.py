@@ -1,0 +1,1 @@
+"""Generation, quality metrics, the featurizer network, galleries, the comparison report."""

@@ -1,0 +1,106 @@
+"""The `evaluate@<variant>` stage: generate for dup, unique and holdout prompts; measure replication,
+quality and cost per group; write `metrics/<variant>.json`, log the same to MLflow with a gallery.
+
+Replication is measured against every image the variant was trained on (pretraining and target
+splits); quality against the holdout images, which no model saw.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from lethe.config import EvaluateConfig, Params
+from lethe.data.prepared import PreparedData
+from lethe.evaluation.featurizer import Featurizer, load_featurizer
+from lethe.evaluation.gallery import save_gallery
+from lethe.files import atomic_dir, content_hash, write_json
+from lethe.memorization.features import load_features
+from lethe.memorization.replication import Criteria, replication_scores, summarize
+from lethe.models.factory import build_scheduler, load_model
+from lethe.sampling import generate, save_grid
+from lethe.tracking import stage_run
+
+DATA, FEATURIZER = Path("data/prepared"), Path("models/featurizer")
+
+
+def criteria(cfg: EvaluateConfig) -> Criteria:
+    return Criteria(cfg.sim_threshold, cfg.nn_ratio, cfg.rel_l2_n, cfg.rel_l2_threshold, cfg.criterion, cfg.chunk_size)
+
+
+def frechet_distance(featurizer: Featurizer, real: torch.Tensor, fake: torch.Tensor) -> float:
+    fd = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
+    fd.update(real, real=True)
+    fd.update(fake, real=False)
+    return fd.compute().item()
+
+
+@torch.no_grad()
+def diversity(features: torch.Tensor, per_prompt: int) -> float:
+    """1 - mean cosine similarity between generations of the same prompt (0: every seed gives one image)."""
+    if per_prompt < 2:
+        return float("nan")
+    f = F.normalize(features, dim=1).view(-1, per_prompt, features.shape[1])
+    sim = f @ f.transpose(1, 2)
+    off_diagonal = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)
+    return 1 - (off_diagonal / (per_prompt * (per_prompt - 1))).mean().item()
+
+
+def evaluate(params: Params, variant: str) -> dict[str, float]:
+    cfg = params.evaluate
+    data = PreparedData.load(DATA)
+    model = load_model(Path("models") / variant)
+    scheduler = build_scheduler(model, params.diffusion)
+    featurizer = load_featurizer(FEATURIZER)
+    features = load_features(cfg.features, str(FEATURIZER) if cfg.features == "featurizer" else cfg.features_path,
+                             cfg.open_clip_model)
+    train_ids = np.array([r.id for r in data.records if r.split in ("pretrain", "target")])
+    train_pixels = data.tensor(train_ids)
+    train_features = features(train_pixels)
+    holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
+
+    metrics, shown, generated_seconds, generated_count = {}, [], 0.0, 0
+    for group, records in data.prompt_groups(cfg.prompts_per_group).items():
+        if not records:
+            continue
+        k = cfg.generations_per_prompt
+        prompts = [r.caption for r in records for _ in range(k)]
+        started = time.perf_counter()
+        images = generate(model, scheduler, prompts, list(range(k)) * len(records), params.sample)
+        generated_seconds += time.perf_counter() - started
+        generated_count += len(images)
+        scores = replication_scores(features(images), train_features, images, train_pixels, criteria(cfg))
+        group_metrics = {f"replication/{name}": value for name, value in summarize(scores).items()}
+        with torch.no_grad():
+            group_metrics["quality/fd"] = frechet_distance(featurizer, holdout_pixels, images)
+            group_metrics["quality/diversity"] = diversity(featurizer(images), k)
+            labels = torch.tensor([r.label if r.label is not None else -1 for r in records]).repeat_interleave(k)
+            if (labels >= 0).all():
+                predicted = featurizer.classify(images).argmax(1)
+                group_metrics["quality/prompt_accuracy"] = (predicted == labels).float().mean().item()
+        metrics |= {f"{name}/{group}": value for name, value in group_metrics.items()}
+        rows = min(cfg.gallery_rows, len(records))
+        shown.append((group, images[::k][:rows], [r.caption for r in records[:rows]],
+                      {key: value[::k][:rows] for key, value in scores.items()}))
+
+    metrics["cost/seconds_per_image"] = generated_seconds / max(generated_count, 1)
+    train_metrics = Path("metrics/train") / f"{variant}.json"
+    if train_metrics.exists():
+        metrics |= {k: v for k, v in json.loads(train_metrics.read_text()).items() if k.startswith("cost/")}
+
+    with stage_run(params, stage="evaluate", method=variant, sections=("evaluate", "sample"),
+                   data_hash=content_hash(DATA)):
+        mlflow.log_metrics(metrics)
+        with atomic_dir(Path("reports/evaluate") / variant) as tmp:
+            save_gallery(shown, train_pixels, tmp / "gallery.png")
+            save_grid(torch.cat([s[1] for s in shown]), tmp / "samples.png", nrow=cfg.gallery_rows)
+        mlflow.log_artifacts(str(Path("reports/evaluate") / variant))
+    write_json(Path("metrics") / f"{variant}.json", metrics)
+    return metrics

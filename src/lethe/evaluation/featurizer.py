@@ -1,0 +1,101 @@
+"""A small CNN trained on the pretraining split: features for a Fréchet distance, and a digit classifier.
+
+Its features stand in for Inception's at 16x16 (so the distance is called FD, not FID); its classifier
+tells whether a generated digit matches its caption's digit (prompt accuracy). Trained with a plain
+loop: a few hundred steps of a classifier need none of the diffusion machinery.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lethe.errors import LetheError
+
+
+class Featurizer(nn.Module):
+    def __init__(self, channels: int, num_classes: int, feature_dim: int):
+        super().__init__()
+        self.spec = {"channels": channels, "num_classes": num_classes, "feature_dim": feature_dim}
+        self.num_features = feature_dim  # torchmetrics reads this instead of probing with a 299x299 image
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, feature_dim),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of images in [-1, 1] (what torchmetrics' FD calls)."""
+        return self.body(images.float())
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.silu(self.forward(images)))
+
+
+def train_featurizer(images: torch.Tensor, labels: torch.Tensor, feature_dim: int, steps: int, batch_size: int,
+                     lr: float, seed: int) -> Featurizer:
+    torch.manual_seed(seed)
+    net = Featurizer(images.shape[1], int(labels.max()) + 1, feature_dim)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (batch_size,), generator=generator)
+        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()  # one-pixel jitter, as digits are not centred
+        x = torch.roll(images[batch], shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(net.classify(x), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: Featurizer, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (net.classify(images).argmax(1) == labels).float().mean().item()
+
+
+def save_featurizer(net: Featurizer, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path / "weights.safetensors")
+    (path / "config.json").write_text(json.dumps(net.spec) + "\n")
+
+
+def load_featurizer(path: str | Path) -> Featurizer:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise LetheError(f"{path}: no featurizer here; run `dvc repro featurizer` first")
+    net = Featurizer(**json.loads((path / "config.json").read_text()))
+    net.load_state_dict(load_file(path / "weights.safetensors"))
+    return net.eval()
+
+
+def featurizer_stage(params) -> dict[str, float]:
+    """The `featurizer` stage: train on the pretraining split, report accuracy on the holdout split."""
+    import mlflow
+
+    from lethe.data.prepared import PreparedData
+    from lethe.files import atomic_dir, content_hash
+    from lethe.tracking import stage_run
+
+    data = PreparedData.load("data/prepared")
+    if any(r.label is None for r in data.records):
+        raise LetheError("data/prepared: the featurizer needs labelled images (the embedded digits); "
+                         "set evaluate.features to sscd or open_clip for an image folder")
+    pretrain, holdout = data.split("pretrain"), data.split("holdout")
+    cfg = params.featurizer
+    with stage_run(params, stage="featurizer", method="featurizer", sections=("featurizer",),
+                   data_hash=content_hash("data/prepared")):
+        net = train_featurizer(data.tensor([r.id for r in pretrain]), torch.tensor([r.label for r in pretrain]),
+                               cfg.feature_dim, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
+        metrics = {"featurizer/holdout_accuracy": accuracy(net, data.tensor([r.id for r in holdout]),
+                                                           torch.tensor([r.label for r in holdout]))}
+        mlflow.log_metrics(metrics)
+        with atomic_dir("models/featurizer") as tmp:
+            save_featurizer(net, tmp)
+    return metrics
