@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, SMOKE
 
+METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption")
+
 pytestmark = pytest.mark.e2e
 
 
@@ -48,7 +50,9 @@ def reproduced(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
-    for stage in ("prepare", "pretrain", "train@baseline", "featurizer", "evaluate@baseline", "report", "register"):
+    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register"]
+    stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
+    for stage in stages:
         assert f"Running stage '{stage}'" in reproduced
     for path in ("data/prepared/images.npy", "data/prepared/manifest.jsonl",
                  "models/pretrained/weights.safetensors", "models/pretrained/config.json",
@@ -74,10 +78,28 @@ def test_evaluation_metrics_per_group(repo, reproduced):
         assert metrics[f"quality/fd/{group}"] >= 0
         assert 0.0 <= metrics[f"quality/prompt_accuracy/{group}"] <= 1.0
     assert metrics["cost/seconds_per_image"] > 0 and metrics["cost/trainable_params"] > 0
-    assert "| baseline |" in (repo / "reports/report.md").read_text()
+    report = (repo / "reports/report.md").read_text()
+    assert all(f"| {m} |" in report for m in METHODS)
     points = json.loads((repo / "plots/tradeoff.json").read_text())
-    assert points == [{"variant": "baseline", "fd": metrics["quality/fd/holdout"],
-                       "replication_rate": metrics["replication/rate/dup"]}]
+    assert [p["variant"] for p in points] == list(METHODS)
+    assert points[0] == {"variant": "baseline", "fd": metrics["quality/fd/holdout"],
+                         "replication_rate": metrics["replication/rate/dup"]}
+
+
+def test_mitigations_log_their_own_metrics(repo, reproduced):
+    repo, _ = repo
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("lethe-smoke")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    for method in METHODS:
+        assert "train/skipped_share" in runs[f"train@{method}"].data.metrics
+        trained = json.loads((repo / f"metrics/train/{method}.json").read_text())
+        assert trained["train/samples_seen"] == 12 * 8  # the same budget for every method
+    plus = runs["train@ietagc_plus"].data
+    assert plus.params["ietagc_plus.msr_share"] == "0.25" and "round/moved_samples" in plus.metrics
+    assert "round/proxy_spread" in runs["train@ietagc"].data.metrics
+    assert json.loads((repo / "models/loyal/config.json").read_text())["raunet"]["tau"] == 500
+    assert json.loads((repo / "models/raunet/config.json").read_text())["raunet"]["tau"] == 0
 
 
 def test_registered_champion_generates_in_a_fresh_process(repo, reproduced):
@@ -101,7 +123,8 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("lethe-smoke")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pretrain", "train@baseline", "featurizer", "evaluate@baseline", "report", "register"}
+    assert set(runs) == {"pretrain", "featurizer", "report", "register",
+                         *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate"))}
     baseline = runs["train@baseline"]
     assert baseline.data.tags["method"] == "baseline" and len(baseline.data.tags["git_commit"]) == 40
     assert "train/loss" in baseline.data.metrics and "lr-AdamW" in baseline.data.metrics
@@ -115,14 +138,15 @@ def test_second_repro_does_nothing(repo, reproduced):
     out = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in out
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
-    assert len(client.search_model_versions("name='lethe-smoke'")) == 1
+    assert len(client.search_model_versions("name='lethe-smoke'")) == len(METHODS)
 
 
 def test_changed_training_param_reruns_only_dependents(repo, reproduced):
     repo, env = repo
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", cwd=repo, env=env)
-    out = sh("dvc", "exp", "run", "-S", "finetune.lr=0.002", cwd=repo, env=env)
-    assert "Running stage 'train@baseline'" in out and "Running stage 'evaluate@baseline'" in out
-    for upstream in ("prepare", "pretrain", "featurizer"):
-        assert f"Running stage '{upstream}'" not in out
+    out = sh("dvc", "exp", "run", "-S", "loyal.tau=300", cwd=repo, env=env)
+    for stage in ("train@loyal", "train@raunet", "evaluate@loyal", "evaluate@raunet", "report", "register"):
+        assert f"Running stage '{stage}'" in out
+    for untouched in ("prepare", "shard", "pretrain", "featurizer", "train@baseline", "evaluate@baseline", "train@ietagc"):
+        assert f"Running stage '{untouched}'" not in out

@@ -20,6 +20,17 @@ def _prepare(params, args) -> None:
     print(json.dumps({"images": len(data.records), **counts}))
 
 
+def _shard(params, args) -> None:
+    from lethe.data.prepared import PreparedData
+    from lethe.data.shards import assign_shards, save_shards
+    from lethe.training.methods import SHARDS
+
+    samples = len(PreparedData.load("data/prepared").training_records("target"))
+    assignment = assign_shards(samples, params.ietagc.shards, params.ietagc.seed)
+    save_shards(SHARDS, assignment)
+    print(json.dumps({"samples": samples, "shards": params.ietagc.shards}))
+
+
 def _pretrain(params, args) -> None:
     from lethe.training.stage import pretrain
 
@@ -69,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     stages = main.add_subparsers(dest="stage", required=True)
     stages.add_parser("prepare", help="build the dataset, splits and planted duplicates").set_defaults(run=_prepare)
+    stages.add_parser("shard", help="assign the target split's samples to IET-AGC's shards").set_defaults(run=_shard)
     stages.add_parser("pretrain", help="train the base model on the pretraining split").set_defaults(run=_pretrain)
     train = stages.add_parser("train", help="fine-tune the base model on the target split with a method")
     train.add_argument("method", choices=METHODS)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lethe.errors import LetheError
 
-METHODS = ("baseline",)  # fine-tuning methods, each a `train@<method>` stage
+# fine-tuning methods, each a `train@<method>` stage
+METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption")
 
 
 class Section(BaseModel):
@@ -112,6 +113,43 @@ class ProbeConfig(Section):
     seeds_per_prompt: int = Field(2, ge=1)
 
 
+class LoyalConfig(Section):
+    """LoyalDiffusion: transfer blocks on the skips of the chosen up-block levels (0 = deepest)."""
+
+    block: Literal["conv", "conv_silu", "conv_stack", "pool", "drop"] = "conv"
+    levels: tuple[int, ...] = (0, 1)  # the public configuration: the two deepest levels
+    tau: int = Field(500, ge=1)  # RAU-Net for t >= tau, the standard U-Net below (train@raunet: every t)
+    init: Literal["random", "identity"] = "random"  # identity: the RAU-Net starts as the U-Net
+
+
+class IetConfig(Section):
+    """IET-AGC: K proxies on K shards, anti-gradient control, weighted averaging after each round."""
+
+    shards: int = Field(4, ge=2)
+    local_steps: int = Field(25, ge=1)  # steps each proxy takes per round
+    agc_lambda: float = Field(2.0, gt=0.0)  # keep a sample iff lambda * loss >= bank[t]
+    bank_momentum: float = Field(0.8, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class IetPlusConfig(Section):
+    """IET-AGC+ on top of ietagc: memory-sample redistribution and threshold-aware augmentation."""
+
+    msr_share: float = Field(0.25, gt=0.0, le=1.0)  # most-skipped share handed to the next shard
+    taa_max_shift: int = Field(2, ge=0)  # augmentation: translation by up to this many pixels
+
+
+class WenFilterConfig(Section):
+    factor: float = Field(1.5, gt=0.0)  # drop a sample whose noise magnitude > factor x the running one at its t
+    momentum: float = Field(0.8, ge=0.0, lt=1.0)
+
+
+class RandomCaptionConfig(Section):
+    words: int = Field(2, ge=1)  # random caption words added to a caption when it is drawn
+    probability: float = Field(1.0, ge=0.0, le=1.0)
+    seed: int = 0
+
+
 class FeaturizerConfig(Section):
     steps: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -155,6 +193,11 @@ class Params(Section):
     finetune: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     probe: ProbeConfig = ProbeConfig()
+    loyal: LoyalConfig = LoyalConfig()
+    ietagc: IetConfig = IetConfig()
+    ietagc_plus: IetPlusConfig = IetPlusConfig()
+    wen_filter: WenFilterConfig = WenFilterConfig()
+    random_caption: RandomCaptionConfig = RandomCaptionConfig()
     featurizer: FeaturizerConfig = FeaturizerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()

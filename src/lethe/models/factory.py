@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lethe.config import DiffusionConfig, ModelConfig
+from lethe.config import DiffusionConfig, LoyalConfig, ModelConfig
 from lethe.errors import LetheError
+from lethe.models.raunet import with_raunet
 from lethe.models.text import ClipTextEncoder, SmallTextEncoder
 
 
@@ -86,6 +87,12 @@ def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: li
     return DiffusionModel(unet, text, None, {**spec, "vocabulary": vocabulary, "save_text_encoder": True})
 
 
+def add_raunet(model: DiffusionModel, cfg: LoyalConfig, tau: int) -> None:
+    """Give the model LoyalDiffusion's denoiser (RAU-Net, routed by t unless tau is 0), recorded in its spec."""
+    model.unet = with_raunet(model.unet, cfg.block, cfg.levels, tau, cfg.init)
+    model.spec["raunet"] = {**cfg.model_dump(mode="json"), "tau": tau}
+
+
 def build_scheduler(model: DiffusionModel, cfg: DiffusionConfig) -> DDPMScheduler:
     """The training noise schedule: the checkpoint's own on the latent path, params' on the pixel path."""
     if model.vae is not None:
@@ -111,6 +118,9 @@ def load_model(path: str | Path) -> DiffusionModel:
     spec = json.loads((path / "config.json").read_text())
     model = build_model(ModelConfig(**spec["model"]), spec["resolution"], spec["channels"], spec.get("vocabulary"))
     model.spec["save_text_encoder"] = spec["save_text_encoder"]
+    if "raunet" in spec:
+        rau = dict(spec["raunet"])
+        add_raunet(model, LoyalConfig(**{k: v for k, v in rau.items() if k != "tau"}), rau["tau"])
     missing, unexpected = model.load_state_dict(load_file(path / "weights.safetensors"), strict=False)
     wrong = [k for k in missing if k.startswith("unet.") or (spec["save_text_encoder"] and k.startswith("text_encoder."))]
     if wrong or unexpected:

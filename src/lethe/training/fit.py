@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lethe.config import TrainConfig
 from lethe.data.prepared import PreparedData, Record, to_float
@@ -26,27 +26,54 @@ from lethe.training.module import DiffusionTraining
 
 
 class CaptionedImages(Dataset):
-    """Training records (duplicates already expanded) as image tensors and token ids."""
+    """Training records (duplicates already expanded) as image tensors and token ids.
 
-    def __init__(self, data: PreparedData, records: list[Record], tokenize):
+    `caption_noise`, when given, rewrites a caption each time it is drawn (random caption words).
+    """
+
+    def __init__(self, data: PreparedData, records: list[Record], tokenize, caption_noise=None):
         self.images = data.images
         self.image_ids = np.array([r.id for r in records])
-        self.token_ids = tokenize([r.caption for r in records])
+        self.captions = [r.caption for r in records]
+        self.tokenize, self.caption_noise = tokenize, caption_noise
+        self.token_ids = tokenize(self.captions) if caption_noise is None else None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, i: int) -> dict:
-        return {"images": to_float(self.images[self.image_ids[i]]), "ids": self.token_ids[i]}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, step = key if isinstance(key, tuple) else (key, -1)  # StepBatches also passes the step
+        if self.caption_noise is None:
+            ids = self.token_ids[i]
+        else:
+            ids = self.tokenize([self.caption_noise(self.captions[i])])[0]
+        return {"images": to_float(self.images[self.image_ids[i]]), "ids": ids, "index": i, "step": step}
 
 
-def training_loader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
-    """Draw exactly `steps` batches with replacement: one long epoch, whatever the dataset's size."""
-    sampler = RandomSampler(
-        dataset, replacement=True, num_samples=cfg.steps * cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+class StepBatches(Sampler):
+    """Batch s is drawn with replacement from `pool(s)` by a generator seeded with (seed, s).
+
+    So a run resumed at step s sees exactly the batches an uninterrupted run would have, and a method
+    that moves samples between shards mid-run (IET-AGC+) is seen by the very next batch.
+    """
+
+    def __init__(self, pool, steps: int, batch_size: int, seed: int, start=lambda: 0):
+        self.pool, self.steps, self.batch_size, self.seed, self.start = pool, steps, batch_size, seed, start
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for step in range(self.start(), self.steps):
+            members = self.pool(step)
+            rng = np.random.default_rng([self.seed, step])
+            yield [(int(i), step) for i in members[rng.integers(0, len(members), self.batch_size)]]
+
+
+def training_loader(dataset: Dataset, cfg: TrainConfig, pool=None, start=lambda: 0) -> DataLoader:
+    """Exactly `steps` batches, one long epoch, whatever the dataset's size."""
+    pool = pool or (lambda step: np.arange(len(dataset)))
+    return DataLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start))
 
 
 def checkpoint_key(*parts) -> str:
@@ -95,5 +122,7 @@ def fit(
     )
     resume = str(last) if last.exists() else None
     started = time.perf_counter()
-    trainer.fit(module, training_loader(dataset, cfg), ckpt_path=resume)
+    loader = training_loader(dataset, cfg, pool=lambda step: module.batch_pool(step, len(dataset)),
+                             start=lambda: module.global_step)  # read after a resume has restored it
+    trainer.fit(module, loader, ckpt_path=resume)
     return FitResult(time.perf_counter() - started, trainer.global_step, resume)

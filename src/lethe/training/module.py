@@ -2,13 +2,18 @@
 
 ε-prediction (or v-prediction, where a checkpoint's scheduler asks for it) on diffusers' DDPM
 schedule, with captions dropped to the empty prompt so the model also learns the unconditional
-branch that classifier-free guidance needs. Methods that filter or reweight samples build on
-`per_sample_loss`, which returns one loss per sample and its timestep.
+branch that classifier-free guidance needs. Methods that skip samples (Wen's
+filter, anti-gradient control) override `select`; ensembles override `model_for_step` and
+`batch_pool`. A batch whose samples are all skipped makes no optimizer step at all (an Adam step on a
+zero gradient would still move the weights).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -16,6 +21,15 @@ from diffusers import DDPMScheduler
 from lethe.config import TrainConfig
 from lethe.errors import TrainingDiverged
 from lethe.models.factory import DiffusionModel
+
+
+@dataclass
+class Denoised:
+    losses: torch.Tensor  # one per sample, mean over its pixels
+    t: torch.Tensor
+    noisy: torch.Tensor
+    states: torch.Tensor  # the text conditioning used (empty where the caption was dropped)
+    prediction: torch.Tensor
 
 
 class DiffusionTraining(L.LightningModule):
@@ -29,31 +43,63 @@ class DiffusionTraining(L.LightningModule):
             model.spec["save_text_encoder"] = True
         self.register_buffer("empty_ids", model.text_encoder.tokenize([""])[0], persistent=False)
 
-    def per_sample_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoising loss per sample (mean over its pixels) and the timesteps drawn for it."""
-        x0 = self.model.encode_images(batch["images"])
+    def denoise(self, batch: dict, model: DiffusionModel | None = None, t: torch.Tensor | None = None) -> Denoised:
+        """Noise the images at random timesteps (or the given ones) and predict the noise."""
+        model = model or self.model
+        x0 = model.encode_images(batch["images"])
         ids = batch["ids"]
         dropped = torch.rand(len(ids), device=ids.device) < self.cfg.caption_dropout
         ids = torch.where(dropped[:, None], self.empty_ids, ids)
         with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
-            states = self.model.encode_text(ids)
+            states = model.encode_text(ids)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
+        if t is None:
+            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        prediction = self.model.unet(noisy, t, encoder_hidden_states=states).sample
+        prediction = model.unet(noisy, t, encoder_hidden_states=states).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         else:
             target = noise
         losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return losses, t
+        return Denoised(losses, t, noisy, states, prediction)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses, _ = self.per_sample_loss(batch)
-        loss = losses.mean()
-        self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def per_sample_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoising loss per sample (mean over its pixels) and the timesteps drawn for it."""
+        d = self.denoise(batch)
+        return d.losses, d.t
+
+    def model_for_step(self, step: int) -> DiffusionModel:
+        return self.model
+
+    def batch_pool(self, step: int, size: int) -> np.ndarray:
+        """Dataset positions the batch of a step is drawn from: all of them, unless a method shards."""
+        return np.arange(size)
+
+    def select(self, d: Denoised, batch: dict, model: DiffusionModel) -> torch.Tensor:
+        """Which samples contribute a gradient: all of them for plain fine-tuning."""
+        return torch.ones_like(d.losses, dtype=torch.bool)
+
+    def kept_loss(self, d: Denoised, keep: torch.Tensor, batch: dict, model: DiffusionModel) -> torch.Tensor:
+        return d.losses[keep].mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self.current_step = int(batch["step"][0]) if "step" in batch else self.global_step
+        model = self.model_for_step(self.current_step)
+        d = self.denoise(batch, model)
+        self.check_finite(d.losses.mean())
+        keep = self.select(d, batch, model)
+        self.log("train/loss", d.losses.mean(), prog_bar=True)
+        self.log("train/skipped_share", 1.0 - keep.float().mean())
+        if not keep.any():
+            return None
+        return self.kept_loss(d, keep, batch, model)
+
+    def unconditional_prediction(self, d: Denoised, model: DiffusionModel) -> torch.Tensor:
+        """The same noisy input denoised with the empty prompt, without gradient."""
+        with torch.no_grad():
+            empty = model.encode_text(self.empty_ids[None]).expand_as(d.states)
+            return model.unet(d.noisy, d.t, encoder_hidden_states=empty).sample
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -63,7 +109,7 @@ class DiffusionTraining(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warmup = max(self.cfg.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -71,3 +117,7 @@ class DiffusionTraining(L.LightningModule):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def trained_model(self) -> DiffusionModel:
+        """The model to save once fit returns (an ensemble merges its proxies here)."""
+        return self.model

@@ -16,6 +16,7 @@ from lethe.models.text import corpus_vocabulary
 from lethe.sampling import generate, save_grid
 from lethe.tracking import lightning_logger, stage_run
 from lethe.training.fit import CaptionedImages, checkpoint_key, fit
+from lethe.training.methods import SECTIONS, caption_noise, training_module
 from lethe.training.module import DiffusionTraining
 
 DATA = Path("data/prepared")
@@ -39,8 +40,8 @@ def finetune(params: Params, method: str) -> dict:
     """Fine-tune the base model on the target split (with its planted duplicates)."""
     data = PreparedData.load(DATA)
     model = load_model(PRETRAINED)
-    return _train(params, model, data, name=method, stage="train", method=method,
-                  cfg=params.finetune, split="target", sections=("finetune", "sample", "probe"), probe_after=True)
+    return _train(params, model, data, name=method, stage="train", method=method, cfg=params.finetune, split="target",
+                  sections=("finetune", "sample", "probe", *SECTIONS[method]), probe_after=True)
 
 
 def _train(params: Params, model, data: PreparedData, *, name: str, stage: str, method: str, cfg: TrainConfig,
@@ -50,9 +51,16 @@ def _train(params: Params, model, data: PreparedData, *, name: str, stage: str, 
     base_hash = content_hash(PRETRAINED) if stage != "pretrain" else None
     key = checkpoint_key(name, params.model_dump(mode="json"), data_hash, base_hash)
     checkpoints = Path(".lethe/checkpoints") / f"{name}-{key}"
-    module = DiffusionTraining(model, scheduler, cfg)
-    dataset = CaptionedImages(data, data.training_records(split), model.text_encoder.tokenize)
+    records = data.training_records(split)
+    captions = [r.caption for r in records]
+    if stage == "pretrain":
+        module = DiffusionTraining(model, scheduler, cfg)
+        dataset = CaptionedImages(data, records, model.text_encoder.tokenize)
+    else:
+        module = training_module(params, method, model, scheduler, len(records))
+        dataset = CaptionedImages(data, records, model.text_encoder.tokenize, caption_noise(params, method, captions))
     with stage_run(params, stage=stage, method=method, sections=sections, data_hash=data_hash) as run:
+        mlflow.log_param("data/samples", len(records))
         result = fit(module, dataset, cfg, checkpoints, logger=lightning_logger(run, params.tracking))
         metrics = {
             "cost/train_seconds": result.seconds,
@@ -61,11 +69,12 @@ def _train(params: Params, model, data: PreparedData, *, name: str, stage: str, 
         }
         out = Path("models") / name
         with atomic_dir(out) as tmp:
-            save_model(module.model, tmp, method=method)
-            _sample_grid(params, module.model, scheduler, data, tmp / "samples.png")
+            trained = module.trained_model()
+            save_model(trained, tmp, method=method)
+            _sample_grid(params, trained, scheduler, data, tmp / "samples.png")
         mlflow.log_artifact(str(out / "samples.png"))
         if probe_after:
-            metrics |= probe(module.model, scheduler, data, params.sample, params.probe)
+            metrics |= probe(trained, scheduler, data, params.sample, params.probe)
         mlflow.log_metrics(metrics)
         write_json(Path("metrics/train") / f"{name}.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the outputs are written; nothing left to resume

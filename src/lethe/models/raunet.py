@@ -1,0 +1,132 @@
+"""LoyalDiffusion's RAU-Net and its timestep router (Li et al., arXiv 2412.01118).
+
+RAU-Net is the U-Net with an *information transfer block* on chosen skip connections: each skip
+tensor passes through its block before the decoder concatenates it, so the decoder can no longer
+copy fine detail straight from the encoder. The blocks sit in a forward pre-hook on diffusers' up
+blocks (which receive the skips as `res_hidden_states_tuple`), so diffusers' model code is used
+as is. They are an `nn.ModuleDict`: trained, saved and loaded like every other weight.
+
+The router sends timesteps t >= tau to the RAU-Net and t < tau to the standard U-Net, splitting a
+mixed batch; both start from the same pretrained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+BLOCKS = ("conv", "conv_silu", "conv_stack", "pool", "drop")
+
+
+class TransferBlock(nn.Module):
+    """Maps a skip tensor to one of the same shape."""
+
+    def __init__(self, kind: str, channels: int, init: str = "random"):
+        super().__init__()
+        self.kind = kind
+        convs = {"conv": 1, "conv_silu": 1, "conv_stack": 2}.get(kind, 0)
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(convs))
+        if init == "identity":
+            for conv in self.convs:
+                nn.init.dirac_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        if self.kind == "drop":
+            return torch.zeros_like(skip)
+        if self.kind == "pool":  # keep the strongest activation of each 2x2 patch, in place
+            pooled, where = F.max_pool2d(skip, 2, return_indices=True, ceil_mode=True)
+            return F.max_unpool2d(pooled, where, 2, output_size=skip.shape[-2:])
+        for conv in self.convs:
+            skip = conv(skip)
+            if self.kind != "conv":
+                skip = F.silu(skip)
+        return skip
+
+
+def skip_channels(unet: UNet2DConditionModel) -> list[list[int]]:
+    """Channels of the skip tensors each up block receives, deepest up block first, in tuple order."""
+    produced = [unet.conv_in.out_channels]
+    for block in unet.down_blocks:
+        produced += [r.out_channels for r in block.resnets]
+        produced += [d.out_channels for d in (block.downsamplers or [])]
+    consumed = []
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        consumed.append(produced[-n:])
+        produced = produced[:-n]
+    return consumed
+
+
+class RAUNet(nn.Module):
+    """A U-Net whose skips at the chosen up-block levels (0 = deepest) pass through transfer blocks."""
+
+    def __init__(self, unet: UNet2DConditionModel, block: str, levels: tuple[int, ...], init: str = "random"):
+        super().__init__()
+        self.unet = unet
+        channels = skip_channels(unet)
+        bad = [level for level in levels if not 0 <= level < len(channels)]
+        if bad:
+            raise ValueError(f"skip level {bad[0]} does not exist (the U-Net has {len(channels)} levels)")
+        self.blocks = nn.ModuleDict({
+            str(level): nn.ModuleList(TransferBlock(block, c, init) for c in channels[level]) for level in levels
+        })
+        for level in levels:
+            unet.up_blocks[level].register_forward_pre_hook(self._transfer_hook(str(level)), with_kwargs=True)
+
+    def _transfer_hook(self, level: str):
+        def hook(module, args, kwargs):
+            skips = kwargs["res_hidden_states_tuple"]
+            kwargs["res_hidden_states_tuple"] = tuple(b(s) for b, s in zip(self.blocks[level], skips))
+            return args, kwargs
+        return hook
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+class TimestepRouter(nn.Module):
+    """t >= tau to `high` (the RAU-Net), t < tau to `low` (the standard U-Net)."""
+
+    def __init__(self, low: nn.Module, high: nn.Module, tau: int):
+        super().__init__()
+        self.low, self.high, self.tau = low, high, tau
+
+    @property
+    def config(self):
+        return self.low.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.low.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        t = torch.as_tensor(timestep, device=sample.device).expand(len(sample))
+        high = t >= self.tau
+        if high.all() or not high.any():  # sampling: one t for the whole batch
+            net = self.high if high.all() else self.low
+            return net(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        out = torch.empty_like(sample)
+        for net, rows in ((self.high, high), (self.low, ~high)):
+            out[rows] = net(sample[rows], t[rows], encoder_hidden_states=encoder_hidden_states[rows], **kwargs).sample
+        return SimpleNamespace(sample=out)
+
+
+def with_raunet(unet: UNet2DConditionModel, block: str, levels: tuple[int, ...], tau: int, init: str) -> nn.Module:
+    """The denoiser for LoyalDiffusion: RAU-Net alone when tau is 0, else routed with a copy of the U-Net."""
+    if tau == 0:
+        return RAUNet(unet, block, levels, init)
+    return TimestepRouter(unet, RAUNet(copy.deepcopy(unet), block, levels, init), tau)

@@ -1,0 +1,48 @@
+"""Anti-gradient control (IET-AGC, Liu et al. 2024) and IET-AGC+'s threshold-aware weights.
+
+A memory bank holds a running loss per timestep. A sample whose loss is already far below what is
+usual at its timestep (λ·ℓ < m[t]) is one the model has nearly memorized: its gradient is skipped.
+The bank is updated with every sample, kept or skipped, so it tracks the typical loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TimestepBank(nn.Module):
+    """A running mean of some per-sample quantity for each timestep, starting at 0 (a saved buffer)."""
+
+    def __init__(self, num_timesteps: int, momentum: float = 0.8):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("values", torch.zeros(num_timesteps))
+
+    def __getitem__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.values[t]
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor, x: torch.Tensor) -> None:
+        """m[t_i] <- momentum·m[t_i] + (1 − momentum)·x_i, one sample after another (t may repeat)."""
+        for ti, xi in zip(t.tolist(), x.detach().float().tolist()):
+            self.values[ti] = self.momentum * self.values[ti] + (1 - self.momentum) * xi
+
+
+class AntiGradientControl(nn.Module):
+    def __init__(self, num_timesteps: int, lam: float, momentum: float = 0.8):
+        super().__init__()
+        self.lam = lam
+        self.bank = TimestepBank(num_timesteps, momentum)
+
+    def forward(self, losses: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which samples to keep (λ·ℓ_i ≥ m[t_i]) and the bank values they were judged against."""
+        threshold = self.bank[t].clone()
+        keep = self.lam * losses.detach().float() >= threshold
+        self.bank.update(t, losses)
+        return keep, threshold
+
+    def closeness(self, losses: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """IET-AGC+: a_i = exp(−5·|λ·ℓ_i − m[t_i]| / m[t_i]); 1 right at the threshold, 0 far from it."""
+        distance = (self.lam * losses.detach().float() - threshold).abs() / threshold.clamp_min(1e-12)
+        return torch.exp(-5.0 * distance)

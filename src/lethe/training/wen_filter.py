@@ -1,0 +1,42 @@
+"""Wen et al.'s training-time filter: skip samples whose prompt pulls the denoiser unusually hard.
+
+One extra pass without gradient on the same noisy input with the empty prompt gives the
+text-conditional noise magnitude; a sample is dropped when it exceeds `factor` times the running
+magnitude at its timestep (magnitudes differ by orders of magnitude across t, so one absolute
+threshold would only ever drop the noisiest timesteps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lethe.memorization.noise_magnitude import noise_magnitude
+from lethe.training.agc import TimestepBank
+from lethe.training.module import Denoised, DiffusionTraining
+
+
+class WenFilter(nn.Module):
+    def __init__(self, num_timesteps: int, factor: float, momentum: float = 0.8):
+        super().__init__()
+        self.factor = factor
+        self.bank = TimestepBank(num_timesteps, momentum)
+
+    @torch.no_grad()
+    def forward(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        magnitude = noise_magnitude(eps_cond, eps_uncond)
+        usual = self.bank[t].clone()
+        keep = (usual == 0) | (magnitude <= self.factor * usual)  # an empty bank entry keeps the sample
+        self.bank.update(t, magnitude)
+        return keep
+
+
+class WenFilteredTraining(DiffusionTraining):
+    """Fine-tuning that drops the samples Wen's filter flags."""
+
+    def __init__(self, model, noise_scheduler, cfg, factor: float, momentum: float = 0.8):
+        super().__init__(model, noise_scheduler, cfg)
+        self.filter = WenFilter(noise_scheduler.config.num_train_timesteps, factor, momentum)
+
+    def select(self, d: Denoised, batch: dict, model) -> torch.Tensor:
+        return self.filter(d.prediction, self.unconditional_prediction(d, model), d.t)

@@ -1,0 +1,190 @@
+"""The rules of the training-time mitigations, pinned on hand-made cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from lethe.config import LoyalConfig
+from lethe.data.shards import assign_shards
+from lethe.models.factory import add_raunet, build_scheduler, load_model, save_model
+from lethe.models.raunet import RAUNet, TimestepRouter, skip_channels
+from lethe.training.agc import AntiGradientControl
+from lethe.training.ensemble import ProxyEnsemble, average_into, redistribute, shift_images
+from lethe.training.fit import CaptionedImages, StepBatches, fit
+from lethe.training.methods import RandomCaptionWords
+from lethe.training.wen_filter import WenFilter
+
+
+def test_agc_keeps_and_skips_by_the_bank_and_updates_it_with_every_sample():
+    agc = AntiGradientControl(num_timesteps=10, lam=2.0, momentum=0.8)
+    agc.bank.values[3] = 1.0
+    agc.bank.values[7] = 0.1
+    losses = torch.tensor([0.6, 0.4, 0.04, 0.05])
+    t = torch.tensor([3, 3, 7, 7])
+    keep, threshold = agc(losses, t)
+    # 2·0.6 >= 1 kept; 2·0.4 < 1 skipped; 2·0.04 < 0.1 skipped; 2·0.05 >= 0.1 kept
+    assert keep.tolist() == [True, False, False, True]
+    assert threshold.tolist() == pytest.approx([1.0, 1.0, 0.1, 0.1])
+    # every sample, kept or skipped, updates the bank in turn
+    m3 = 0.8 * (0.8 * 1.0 + 0.2 * 0.6) + 0.2 * 0.4
+    m7 = 0.8 * (0.8 * 0.1 + 0.2 * 0.04) + 0.2 * 0.05
+    assert agc.bank.values[3].item() == pytest.approx(m3)
+    assert agc.bank.values[7].item() == pytest.approx(m7)
+    assert agc.bank.values[0].item() == 0.0
+
+
+def test_agc_skips_nothing_until_the_bank_fills():
+    agc = AntiGradientControl(num_timesteps=5, lam=1.25)
+    keep, _ = agc(torch.tensor([1e-6, 5.0]), torch.tensor([0, 1]))
+    assert keep.all()
+
+
+def test_taa_closeness_is_one_at_the_threshold_and_falls_away_from_it():
+    agc = AntiGradientControl(num_timesteps=5, lam=2.0)
+    a = agc.closeness(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]))
+    assert a[0].item() == pytest.approx(1.0)
+    assert a[1].item() == pytest.approx(np.exp(-5.0))
+
+
+def test_averaging_two_proxies_gives_the_weighted_mean():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    average_into([a, b], [1.0, 1.0])
+    assert torch.allclose(a.weight, (wa + wb) / 2) and torch.equal(a.weight, b.weight)
+    c, d = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    wc, wd = c.bias.detach().clone(), d.bias.detach().clone()
+    average_into([c, d], [3.0, 1.0])
+    assert torch.allclose(d.bias, 0.75 * wc + 0.25 * wd)
+
+
+def test_redistribution_moves_the_most_skipped_share_to_the_next_shard():
+    assignment = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    skips = np.array([5, 0, 9, 1, 0, 7, 0, 0, 3, 0, 0, 8])
+    moved = redistribute(assignment, skips, shards=3, share=0.5)
+    assert np.bincount(moved).tolist() == [4, 4, 4]  # sizes kept
+    assert moved[[2, 0]].tolist() == [1, 1]  # shard 0's two most skipped go to shard 1
+    assert moved[5] == 2 and moved[[11, 8]].tolist() == [0, 0]  # ring: shard 2 hands to shard 0
+    assert (moved != assignment).sum() == 6
+
+
+def test_shards_are_balanced_and_cover_every_sample():
+    assignment = assign_shards(103, 4, seed=0)
+    assert sorted(np.bincount(assignment).tolist()) == [25, 26, 26, 26]
+
+
+def test_raunet_with_identity_blocks_gives_the_unets_output(tiny_model):
+    unet = tiny_model.unet
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 900])
+    states = torch.randn(2, 5, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=states).sample
+        rau = RAUNet(unet, "conv", levels=(0, 1), init="identity")
+        same = rau(x, t, encoder_hidden_states=states).sample
+        rau.blocks["0"][0].convs[0].weight.add_(0.5)
+        changed = rau(x, t, encoder_hidden_states=states).sample
+    assert torch.allclose(plain, same, atol=1e-5)
+    assert not torch.allclose(plain, changed, atol=1e-3)
+
+
+def test_skip_channels_match_what_the_up_blocks_receive(tiny_model):
+    seen = []
+    for block in tiny_model.unet.up_blocks:
+        block.register_forward_pre_hook(
+            lambda m, a, kw: seen.append([s.shape[1] for s in kw["res_hidden_states_tuple"]]), with_kwargs=True)
+    tiny_model.unet(torch.randn(1, 1, 16, 16), 5, encoder_hidden_states=torch.randn(1, 3, tiny_model.unet.config.cross_attention_dim))
+    assert seen == skip_channels(tiny_model.unet)
+
+
+@pytest.mark.parametrize("block", ["conv", "conv_silu", "conv_stack", "pool", "drop"])
+def test_every_block_type_keeps_shapes(tiny_model, block):
+    rau = RAUNet(tiny_model.unet, block, levels=(0,))
+    out = rau(torch.randn(2, 1, 16, 16), 5, encoder_hidden_states=torch.randn(2, 3, tiny_model.unet.config.cross_attention_dim)).sample
+    assert out.shape == (2, 1, 16, 16)
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return type("Out", (), {"sample": torch.full_like(sample, self.value)})()
+
+
+def test_router_sends_each_timestep_to_the_right_network():
+    router = TimestepRouter(Constant(1.0), Constant(2.0), tau=500)
+    x = torch.zeros(4, 1, 2, 2)
+    out = router(x, torch.tensor([0, 499, 500, 999]), encoder_hidden_states=torch.zeros(4, 3, 8)).sample
+    assert out[:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert router(x, torch.tensor(700), encoder_hidden_states=torch.zeros(4, 3, 8)).sample.unique().tolist() == [2.0]
+    assert router(x, 499, encoder_hidden_states=torch.zeros(4, 3, 8)).sample.unique().tolist() == [1.0]
+
+
+def test_raunet_blocks_are_saved_loaded_and_trained(tiny_model, tmp_path):
+    add_raunet(tiny_model, LoyalConfig(tau=500), tau=500)
+    keys = list(tiny_model.trainable_state_dict())
+    assert any(k.startswith("unet.high.blocks.0.") for k in keys)
+    assert any(k.startswith("unet.low.") for k in keys)
+    t = torch.tensor([100, 800])
+    out = tiny_model.unet(torch.randn(2, 1, 16, 16), t, encoder_hidden_states=torch.randn(2, 3, tiny_model.unet.config.cross_attention_dim)).sample
+    out.square().mean().backward()
+    assert tiny_model.unet.high.blocks["0"][0].convs[0].weight.grad.abs().sum() > 0
+    save_model(tiny_model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    for (k, a), b in zip(tiny_model.trainable_state_dict().items(), loaded.trainable_state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_wen_filter_drops_a_sample_far_above_the_usual_magnitude():
+    wen = WenFilter(num_timesteps=10, factor=1.5)
+    wen.filter_bank = wen.bank.values.fill_(1.0)
+    cond = torch.zeros(3, 4)
+    uncond = torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [1.4, 0, 0, 0]])
+    keep = wen(cond, uncond, torch.tensor([1, 1, 2]))
+    assert keep.tolist() == [True, False, True]
+
+
+def test_random_caption_words_come_from_the_vocabulary():
+    noise = RandomCaptionWords(["a red cat", "a blue dog"], words=2, probability=1.0, seed=0)
+    out = noise("a red cat").split()
+    assert out[:3] == ["a", "red", "cat"] and len(out) == 5
+    assert set(out[3:]) <= {"a", "red", "blue", "cat", "dog"}
+
+
+def test_step_batches_resume_with_the_same_batches():
+    pool = lambda step: np.arange(50)  # noqa: E731
+    full = list(StepBatches(pool, steps=6, batch_size=4, seed=3))
+    resumed = list(StepBatches(pool, steps=6, batch_size=4, seed=3, start=lambda: 4))
+    assert resumed == full[4:]
+
+
+def test_shift_images_moves_pixels_and_keeps_unshifted_ones():
+    images = torch.zeros(2, 1, 8, 8)
+    images[:, :, 4, 4] = 1.0
+    out = shift_images(images, torch.tensor([0, 2]), torch.Generator().manual_seed(1))
+    assert torch.equal(out[0], images[0]) and out[1].sum() <= 1.0
+
+
+def test_ensemble_trains_proxies_on_their_shards_and_merges_them(smoke_params, tiny_data, tiny_model, tmp_path):
+    records = tiny_data.training_records("target")
+    cfg = smoke_params.finetune.model_copy(update={"steps": 8, "batch_size": 4})
+    assignment = assign_shards(len(records), 2, seed=0)
+    module = ProxyEnsemble(tiny_model, build_scheduler(tiny_model, smoke_params.diffusion), cfg,
+                           assignment=assignment, local_steps=2, agc_lambda=2.0, msr_share=0.25, taa_max_shift=1)
+    seen = {0: set(), 1: set()}
+    original = module.select
+
+    def spy(d, batch, model):
+        seen[module.proxy_index(module.current_step)].update(batch["index"].tolist())
+        return original(d, batch, model)
+
+    module.select = spy
+    dataset = CaptionedImages(tiny_data, records, tiny_model.text_encoder.tokenize)
+    fit(module, dataset, cfg, tmp_path / "ckpt")
+    # steps 0-1 proxy 0, 2-3 proxy 1, round 1 averages; round 2 redistributes
+    assert seen[0] and seen[1]
+    assert sorted(np.bincount(module.assignment.numpy()).tolist()) == sorted(np.bincount(assignment).tolist())
+    merged = module.trained_model()
+    for a, b in zip(module.proxies[0].parameters(), module.proxies[1].parameters()):
+        assert torch.equal(a, b)
+    assert merged is module.proxies[0]
