@@ -1,5 +1,7 @@
 """The rules of the training-time mitigations, pinned on hand-made cases."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -123,12 +125,17 @@ def test_router_sends_each_timestep_to_the_right_network():
 def test_raunet_blocks_are_saved_loaded_and_trained(tiny_model, tmp_path):
     add_raunet(tiny_model, LoyalConfig(tau=500), tau=500)
     keys = list(tiny_model.trainable_state_dict())
-    assert any(k.startswith("unet.high.blocks.0.") for k in keys)
+    assert any(k.startswith("unet.high.unet.up_blocks.0.skip_transfer.0.") for k in keys)
     assert any(k.startswith("unet.low.") for k in keys)
     t = torch.tensor([100, 800])
     out = tiny_model.unet(torch.randn(2, 1, 16, 16), t, encoder_hidden_states=torch.randn(2, 3, tiny_model.unet.config.cross_attention_dim)).sample
     out.square().mean().backward()
     assert tiny_model.unet.high.blocks["0"][0].convs[0].weight.grad.abs().sum() > 0
+    copied = copy.deepcopy(tiny_model.unet.high)  # a copy runs its own blocks, not the original's
+    with torch.no_grad():
+        copied.blocks["0"][0].convs[0].weight.zero_()
+        x, states = torch.randn(1, 1, 16, 16), torch.randn(1, 3, tiny_model.unet.config.cross_attention_dim)
+        assert not torch.equal(copied(x, 900, states).sample, tiny_model.unet.high(x, 900, states).sample)
     save_model(tiny_model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     for (k, a), b in zip(tiny_model.trainable_state_dict().items(), loaded.trainable_state_dict().values()):

@@ -22,6 +22,8 @@ COLUMNS = (
     ("replication rate (dup)", "replication/rate/dup"),
     ("replication rate (unique)", "replication/rate/unique"),
     ("replication rate (holdout)", "replication/rate/holdout"),
+    ("dup rate vs baseline", "vs_baseline/replication_rate_dup"),
+    ("FD vs baseline", "vs_baseline/fd_holdout"),
     ("top-1 sim p95 (dup)", "replication/sim_p95/dup"),
     ("nn-ratio rate (dup)", "replication/nn_ratio_rate/dup"),
     ("FD (holdout)", "quality/fd/holdout"),
@@ -35,12 +37,29 @@ TRADEOFF_X, TRADEOFF_Y = "quality/fd/holdout", "replication/rate/dup"
 
 
 def load_metrics(variants) -> dict[str, dict[str, float]]:
-    return {v: json.loads((Path("metrics") / f"{v}.json").read_text()) for v in variants}
+    metrics = {v: json.loads((Path("metrics") / f"{v}.json").read_text()) for v in variants}
+    return with_baseline_changes(metrics)
 
 
-def _cell(value) -> str:
+def with_baseline_changes(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Add each variant's relative change of dup replication rate and FD against the baseline's."""
+    base = metrics.get("baseline")
+    if base is None:
+        return metrics
+    changes = {"vs_baseline/replication_rate_dup": "replication/rate/dup", "vs_baseline/fd_holdout": "quality/fd/holdout"}
+    out = {}
+    for variant, values in metrics.items():
+        extra = {new: values[key] / base[key] - 1.0 for new, key in changes.items()
+                 if base.get(key) and values.get(key) is not None}
+        out[variant] = {**values, **extra}
+    return out
+
+
+def _cell(value, key: str = "") -> str:
     if value is None:
         return "–"
+    if key.startswith("vs_baseline/"):
+        return f"{value:+.0%}"
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
 
 
@@ -48,14 +67,14 @@ def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = ["| variant | " + " | ".join(title for title, _ in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for variant, values in metrics.items():
-        lines.append(f"| {variant} | " + " | ".join(_cell(values.get(key)) for _, key in COLUMNS) + " |")
+        lines.append(f"| {variant} | " + " | ".join(_cell(values.get(key), key) for _, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
 def html_table(metrics: dict[str, dict[str, float]]) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
     rows = "".join(
-        f"<tr><td>{html.escape(v)}</td>" + "".join(f"<td>{_cell(m.get(k))}</td>" for _, k in COLUMNS) + "</tr>"
+        f"<tr><td>{html.escape(v)}</td>" + "".join(f"<td>{_cell(m.get(k), k)}</td>" for _, k in COLUMNS) + "</tr>"
         for v, m in metrics.items()
     )
     return (f"<!doctype html><meta charset='utf-8'><title>lethe report</title>"

@@ -2,9 +2,10 @@
 
 RAU-Net is the U-Net with an *information transfer block* on chosen skip connections: each skip
 tensor passes through its block before the decoder concatenates it, so the decoder can no longer
-copy fine detail straight from the encoder. The blocks sit in a forward pre-hook on diffusers' up
-blocks (which receive the skips as `res_hidden_states_tuple`), so diffusers' model code is used
-as is. They are an `nn.ModuleDict`: trained, saved and loaded like every other weight.
+copy fine detail straight from the encoder. The blocks are submodules of diffusers' up blocks
+(`up_blocks.<level>.skip_transfer`), applied by a forward pre-hook to the skips the up block
+receives as `res_hidden_states_tuple`, so diffusers' model code is used as is. Registered there, they
+are trained, saved and loaded like every other weight, and survive a deepcopy.
 
 The router sends timesteps t >= tau to the RAU-Net and t < tau to the standard U-Net, splitting a
 mixed batch; both start from the same pretrained weights.
@@ -63,8 +64,30 @@ def skip_channels(unet: UNet2DConditionModel) -> list[list[int]]:
     return consumed
 
 
-class RAUNet(nn.Module):
+def _transfer_skips(up_block, args, kwargs):
+    skips = kwargs["res_hidden_states_tuple"]
+    kwargs["res_hidden_states_tuple"] = tuple(b(s) for b, s in zip(up_block.skip_transfer, skips))
+    return args, kwargs
+
+
+class WrappedUNet(nn.Module):
+    """Looks like the diffusers U-Net it wraps to code that reads `.config` and `.device`."""
+
+    inner: str  # the attribute holding that U-Net
+
+    @property
+    def config(self):
+        return getattr(self, self.inner).config
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.inner).device
+
+
+class RAUNet(WrappedUNet):
     """A U-Net whose skips at the chosen up-block levels (0 = deepest) pass through transfer blocks."""
+
+    inner = "unet"
 
     def __init__(self, unet: UNet2DConditionModel, block: str, levels: tuple[int, ...], init: str = "random"):
         super().__init__()
@@ -73,45 +96,27 @@ class RAUNet(nn.Module):
         bad = [level for level in levels if not 0 <= level < len(channels)]
         if bad:
             raise ValueError(f"skip level {bad[0]} does not exist (the U-Net has {len(channels)} levels)")
-        self.blocks = nn.ModuleDict({
-            str(level): nn.ModuleList(TransferBlock(block, c, init) for c in channels[level]) for level in levels
-        })
         for level in levels:
-            unet.up_blocks[level].register_forward_pre_hook(self._transfer_hook(str(level)), with_kwargs=True)
-
-    def _transfer_hook(self, level: str):
-        def hook(module, args, kwargs):
-            skips = kwargs["res_hidden_states_tuple"]
-            kwargs["res_hidden_states_tuple"] = tuple(b(s) for b, s in zip(self.blocks[level], skips))
-            return args, kwargs
-        return hook
+            up = unet.up_blocks[level]
+            up.skip_transfer = nn.ModuleList(TransferBlock(block, c, init) for c in channels[level])
+            up.register_forward_pre_hook(_transfer_skips, with_kwargs=True)
 
     @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    def blocks(self) -> dict[str, nn.ModuleList]:
+        return {str(i): up.skip_transfer for i, up in enumerate(self.unet.up_blocks) if hasattr(up, "skip_transfer")}
 
     def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
 
-class TimestepRouter(nn.Module):
+class TimestepRouter(WrappedUNet):
     """t >= tau to `high` (the RAU-Net), t < tau to `low` (the standard U-Net)."""
+
+    inner = "low"
 
     def __init__(self, low: nn.Module, high: nn.Module, tau: int):
         super().__init__()
         self.low, self.high, self.tau = low, high, tau
-
-    @property
-    def config(self):
-        return self.low.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.low.device
 
     def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
         t = torch.as_tensor(timestep, device=sample.device).expand(len(sample))
