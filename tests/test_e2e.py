@@ -12,7 +12,10 @@ import pytest
 
 from tests.conftest import ROOT, SMOKE
 
-METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption")
+METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption", "memattn_filter",
+           "memcontrol")
+INFERENCE = ("memattn", "wen_inference", "nemo")  # the baseline with an inference-time mitigation
+VARIANTS = METHODS + INFERENCE
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +53,10 @@ def reproduced(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
-    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register"]
+    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize",
+              "mitigate@memattn", "mitigate@wen_inference", "memcontrol"]
     stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
+    stages += [f"evaluate@{v}" for v in INFERENCE]
     for stage in stages:
         assert f"Running stage '{stage}'" in reproduced
     for path in ("data/prepared/images.npy", "data/prepared/manifest.jsonl",
@@ -79,9 +84,10 @@ def test_evaluation_metrics_per_group(repo, reproduced):
         assert 0.0 <= metrics[f"quality/prompt_accuracy/{group}"] <= 1.0
     assert metrics["cost/seconds_per_image"] > 0 and metrics["cost/trainable_params"] > 0
     report = (repo / "reports/report.md").read_text()
-    assert all(f"| {m} |" in report for m in METHODS)
+    assert all(f"| {m} |" in report for m in VARIANTS)
+    assert "## Detection on the baseline" in report and "## NeMo neurons" in report
     points = json.loads((repo / "plots/tradeoff.json").read_text())
-    assert [p["variant"] for p in points] == list(METHODS)
+    assert [p["variant"] for p in points] == list(VARIANTS)
     assert points[0] == {"variant": "baseline", "fd": metrics["quality/fd/holdout"],
                          "replication_rate": metrics["replication/rate/dup"]}
 
@@ -123,8 +129,12 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("lethe-smoke")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pretrain", "featurizer", "report", "register",
-                         *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate"))}
+    nested = sorted(n for n in runs if n.startswith("memcontrol/"))
+    assert nested[0] == "memcontrol/full-finetune" and len(nested) == 3  # the reference and 2 trials
+    runs = {n: r for n, r in runs.items() if not n.startswith("memcontrol/")}
+    assert set(runs) == {"pretrain", "featurizer", "report", "register", "detect@baseline", "localize@nemo", "memcontrol",
+                         *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")),
+                         *(f"evaluate@{v}" for v in INFERENCE)}
     baseline = runs["train@baseline"]
     assert baseline.data.tags["method"] == "baseline" and len(baseline.data.tags["git_commit"]) == 40
     assert "train/loss" in baseline.data.metrics and "lr-AdamW" in baseline.data.metrics
@@ -138,7 +148,7 @@ def test_second_repro_does_nothing(repo, reproduced):
     out = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in out
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
-    assert len(client.search_model_versions("name='lethe-smoke'")) == len(METHODS)
+    assert len(client.search_model_versions("name='lethe-smoke'")) == len(VARIANTS)
 
 
 def test_changed_training_param_reruns_only_dependents(repo, reproduced):
@@ -148,5 +158,46 @@ def test_changed_training_param_reruns_only_dependents(repo, reproduced):
     out = sh("dvc", "exp", "run", "-S", "loyal.tau=300", cwd=repo, env=env)
     for stage in ("train@loyal", "train@raunet", "evaluate@loyal", "evaluate@raunet", "report", "register"):
         assert f"Running stage '{stage}'" in out
-    for untouched in ("prepare", "shard", "pretrain", "featurizer", "train@baseline", "evaluate@baseline", "train@ietagc"):
+    for untouched in ("prepare", "shard", "pretrain", "featurizer", "train@baseline", "evaluate@baseline", "train@ietagc",
+                      "memcontrol", "train@memcontrol"):
         assert f"Running stage '{untouched}'" not in out
+
+
+def test_detection_localization_and_inference_mitigations(repo, reproduced):
+    repo, _ = repo
+    detect = json.loads((repo / "metrics/detect.json").read_text())
+    for score in ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim"):
+        auroc = detect[f"detection/{score}/planted_auroc"]
+        assert 0.0 <= auroc <= 1.0, score  # dup and holdout prompts are both present in the smoke preset
+    assert (repo / "reports/detect/roc.png").is_file() and (repo / "reports/detect/scores.json").is_file()
+    localized = json.loads((repo / "metrics/localize.json").read_text())
+    assert localized["nemo/tau_mem"] > 0 and localized["nemo/localized_prompts"] <= localized["nemo/memorized_prompts"]
+    nemo = json.loads((repo / "models/nemo/config.json").read_text())
+    assert len(nemo["nemo"]["neurons"]) == localized["nemo/union_neurons"]
+    assert json.loads((repo / "models/memattn/config.json").read_text())["inference"]["memattn"]["begin_scale"] == 1.25
+    wen = json.loads((repo / "models/wen_inference/config.json").read_text())["inference"]["wen"]
+    assert wen["target"] == detect["detection/wen_first/mean/holdout"]
+    for variant in INFERENCE:
+        assert 0.0 <= json.loads((repo / f"metrics/{variant}.json").read_text())["replication/rate/dup"] <= 1.0
+
+
+def test_memcontrol_search_trains_and_registers_its_mask(repo, reproduced):
+    repo, _ = repo
+    chosen = json.loads((repo / "search/memcontrol.json").read_text())
+    assert chosen["family"] == "lora" and chosen["blocks"] and len(chosen["pareto_front"]) in (1, 2)
+    assert (repo / "reports/memcontrol/pareto.png").is_file() and list(repo.glob("search/studies/*.journal"))
+    search = json.loads((repo / "metrics/search/memcontrol.json").read_text())
+    assert search["memcontrol/trials"] == 2 and search["memcontrol/chosen/trainable_share"] < 0.2
+    trained = json.loads((repo / "metrics/train/memcontrol.json").read_text())
+    assert trained["cost/trainable_params"] == chosen["trainable_params"]  # the mask's parameters, not the model's
+    assert "lora" not in json.dumps(json.loads((repo / "models/memcontrol/config.json").read_text()))  # merged
+    assert "## MemControl" in (repo / "reports/report.md").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("lethe-smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "memcontrol"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 3 and all("memcontrol/fd" in r.data.metrics and "cost/trainable_share" in r.data.metrics
+                                    for r in trials)
+    versions = client.search_model_versions("name='lethe-smoke'")
+    assert any(v.tags.get("method") == "memcontrol" for v in versions)

@@ -55,6 +55,30 @@ def _evaluate(params, args) -> None:
     print(json.dumps(evaluate(params, args.variant)))
 
 
+def _detect(params, args) -> None:
+    from lethe.evaluation.detect import detect
+
+    print(json.dumps(detect(params)))
+
+
+def _mitigate(params, args) -> None:
+    from lethe.mitigation.stage import mitigate
+
+    print(json.dumps(mitigate(params, args.variant)))
+
+
+def _localize(params, args) -> None:
+    from lethe.localization.stage import localize_stage
+
+    print(json.dumps(localize_stage(params)))
+
+
+def _memcontrol(params, args) -> None:
+    from lethe.search.stage import memcontrol
+
+    print(json.dumps(memcontrol(params, args.params, args.workers, args.join)))
+
+
 def _report(params, args) -> None:
     from lethe.evaluation.report import markdown_table, report
 
@@ -73,8 +97,14 @@ def _promote(params, args) -> None:
     print(promote(params, args.model, args.version, args.alias, args.force))
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def parser() -> argparse.ArgumentParser:
-    from lethe.config import METHODS
+    from lethe.config import METHODS, VARIANTS
 
     main = argparse.ArgumentParser(prog="lethe", description=__doc__.splitlines()[0])
     main.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -87,8 +117,17 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     stages.add_parser("featurizer", help="train the feature network for FD and prompt accuracy").set_defaults(run=_featurizer)
     evaluate = stages.add_parser("evaluate", help="replication, quality and cost metrics of a variant")
-    evaluate.add_argument("variant", choices=METHODS)
+    evaluate.add_argument("variant", choices=VARIANTS)
     evaluate.set_defaults(run=_evaluate)
+    stages.add_parser("detect", help="memorization detection scores on the baseline: AUROC, TPR@1%%FPR, ROC").set_defaults(run=_detect)
+    mitigate = stages.add_parser("mitigate", help="package an inference-time mitigation with the baseline")
+    mitigate.add_argument("variant", choices=("memattn", "wen_inference"))
+    mitigate.set_defaults(run=_mitigate)
+    stages.add_parser("localize", help="NeMo: localize memorization neurons, prune their union").set_defaults(run=_localize)
+    memcontrol = stages.add_parser("memcontrol", help="MemControl: Optuna search over which U-Net blocks to fine-tune")
+    memcontrol.add_argument("--workers", type=_positive, default=None, help="worker processes sharing the study (default: memcontrol.workers)")
+    memcontrol.add_argument("--join", action="store_true", help="only add a worker to the study (no outputs)")
+    memcontrol.set_defaults(run=_memcontrol)
     stages.add_parser("report", help="compare every variant: table and trade-off plot").set_defaults(run=_report)
     stages.add_parser("register", help="register every variant in the MLflow registry, move aliases").set_defaults(run=_register)
     promote = stages.add_parser("promote", help="move a registry alias by hand (champion must pass the policy)")

@@ -15,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lethe.errors import LetheError
 
 # fine-tuning methods, each a `train@<method>` stage
-METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption")
+METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption", "memattn_filter",
+           "memcontrol")
+# inference-time mitigations of the baseline: `mitigate@memattn`, `mitigate@wen_inference`, and `localize` (nemo)
+INFERENCE_VARIANTS = ("memattn", "wen_inference", "nemo")
+VARIANTS = METHODS + INFERENCE_VARIANTS  # what evaluate, report and register accept
 
 
 class Section(BaseModel):
@@ -83,7 +87,7 @@ class DiffusionConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(600, ge=1)
+    steps: int = Field(600, ge=0)  # 0: no training (pretrain at SD scale: the checkpoint is the base model)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, le=1.0)
     warmup_steps: int = Field(50, ge=0)
@@ -94,9 +98,22 @@ class TrainConfig(Section):
     train_text_encoder: bool = True
     checkpoint_every: int = Field(100, ge=1)
     accelerator: str = "auto"
-    devices: int | str = "auto"
-    precision: str = "32-true"
+    devices: int | str = "auto"  # per node; batch_size is the global batch, split evenly over devices x num_nodes
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"  # Lightning's: auto, ddp, ddp_find_unused_parameters_true, fsdp, ...
+    precision: str = "32-true"  # or 16-mixed, bf16-mixed
+    gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~30% slower
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _scale_out(self):
+        if isinstance(self.devices, int) and self.batch_size % (self.devices * self.num_nodes):
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must divide evenly over "
+                             f"devices x num_nodes = {self.devices * self.num_nodes}")
+        if self.strategy.startswith("fsdp") and self.ema_decay > 0:
+            raise ValueError("strategy fsdp shards the weights and Lightning's EMA cannot average sharded models: "
+                             "set ema_decay: 0")
+        return self
 
 
 class SampleConfig(Section):
@@ -150,6 +167,78 @@ class RandomCaptionConfig(Section):
     seed: int = 0
 
 
+class MemAttnFilterConfig(Section):
+    """MemAttn's training-time filter: skip samples whose cross-attention entropy is abnormally high."""
+
+    layer: int = Field(0, ge=0)  # cross-attention layer whose entropy is read, in forward order
+    z: float = Field(2.0, gt=0.0)  # skip when entropy > running mean + z x running std (not published)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class DetectConfig(Section):
+    """The `detect` stage: memorization detection scores on the baseline for dup, unique and holdout prompts."""
+
+    prompts_per_group: int = Field(20, ge=2)
+    generations_per_prompt: int = Field(4, ge=1)
+    memattn_layer: int = Field(0, ge=0)  # E's cross-attention layer, in forward order
+    nemo_seeds: int = Field(10, ge=2)  # seeds for NeMo's cross-seed SSIM score
+    memorized_share: float = Field(0.5, gt=0.0, le=1.0)  # measured truth: this share of a prompt's generations replicate
+
+
+class MemAttnConfig(Section):
+    """MemAttn's inference-time mitigation (evaluate@memattn): mask the padding, scale the beginning token."""
+
+    begin_scale: float = Field(1.25, ge=1.0)  # C: the beginning token's logit is multiplied by this
+    mask_padding: bool = True  # mask the tokens after the first end token
+
+
+class WenInferenceConfig(Section):
+    """Wen et al.'s prompt-embedding optimisation at the first step (evaluate@wen_inference)."""
+
+    lr: float = Field(0.05, gt=0.0)
+    iterations: int = Field(10, ge=1)
+    target: float | None = Field(None, gt=0.0)  # stop below this magnitude; null: holdout prompts' mean from detect
+
+
+class NemoConfig(Section):
+    """NeMo's neuron localization (the `localize` stage and evaluate@nemo)."""
+
+    holdout_prompts: int = Field(50, ge=3)  # activation statistics and tau_mem come from these
+    max_prompts: int = Field(20, ge=1)  # target prompts scored; those above tau_mem are localized
+    seeds: int = Field(10, ge=2)
+    iterations: int = Field(30, ge=1)  # initial selection: theta and k steps tried at most
+    batch_size: int = Field(32, ge=1)  # candidate neuron sets scored in one forward pass
+
+
+class MemControlConfig(Section):
+    """MemControl (Dutt et al.): an Optuna search over which transformer blocks' PEFT parameters to fine-tune."""
+
+    family: Literal["lora", "attention", "difffit"] = "lora"  # what a 1-bit block trains
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(4.0, gt=0.0)
+    lr_min: float = Field(1e-5, gt=0.0, le=1.0)  # learning rate, log-uniform (published: 1e-5 to 1e-3)
+    lr_max: float = Field(1e-3, gt=0.0, le=1.0)
+    n_trials: int = Field(12, ge=1)  # completed trials the study needs; more resumes the same study
+    population_size: int = Field(4, ge=2)  # NSGA-II's generation size
+    trial_steps: int = Field(100, ge=1)  # inner-loop budget: steps of finetune.batch_size per trial
+    memorization: Literal["max", "mean"] = "max"  # over the memorization subset's images
+    magnitude_draws: int = Field(8, ge=1)  # random timesteps per memorized image
+    fd_prompts: int = Field(100, ge=2)  # holdout prompts generated (one seed each) for the FD objective
+    sample_steps: int = Field(20, ge=1, le=1000)  # DDIM steps of those generations
+    fd_reference: Literal["full", "best"] = "full"  # policy: FD of full fine-tuning, or the best trial's
+    fd_tolerance: float = Field(0.1, ge=0.0)  # policy: relative FD rise allowed over the reference
+    max_trainable_share: float = Field(1.0, gt=0.0, le=1.0)  # policy: masks training more are not chosen
+    storage: str | None = None  # an RDB URL shared by machines; default: a journal file under search/studies
+    workers: int = Field(1, ge=1)  # processes sharing the study on this machine (`--workers` overrides)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _lr_range(self):
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"memcontrol.lr_min ({self.lr_min}) is above memcontrol.lr_max ({self.lr_max})")
+        return self
+
+
 class FeaturizerConfig(Section):
     steps: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -163,7 +252,8 @@ class EvaluateConfig(Section):
     generations_per_prompt: int = Field(4, ge=1)
     features: Literal["pixels", "featurizer", "sscd", "open_clip"] = "featurizer"  # for top-1 similarity
     features_path: str | None = None  # sscd: a TorchScript file; open_clip: a weights file
-    open_clip_model: str = "ViT-B-32"
+    open_clip_model: str = "ViT-B-32"  # architecture of the open_clip weights (features_path, clip_model_path)
+    clip_model_path: str | None = None  # open_clip weights file: quality/clip_score (cosine x 100, clipped at 0)
     criterion: Literal["sim", "nn_ratio", "rel_l2"] = "rel_l2"  # which criterion decides replication/rate
     sim_threshold: float = Field(0.5, ge=-1.0, le=1.0)
     nn_ratio: float = Field(1 / 3, gt=0.0, le=1.0)
@@ -198,6 +288,12 @@ class Params(Section):
     ietagc_plus: IetPlusConfig = IetPlusConfig()
     wen_filter: WenFilterConfig = WenFilterConfig()
     random_caption: RandomCaptionConfig = RandomCaptionConfig()
+    memattn_filter: MemAttnFilterConfig = MemAttnFilterConfig()
+    detect: DetectConfig = DetectConfig()
+    memattn: MemAttnConfig = MemAttnConfig()
+    wen_inference: WenInferenceConfig = WenInferenceConfig()
+    nemo: NemoConfig = NemoConfig()
+    memcontrol: MemControlConfig = MemControlConfig()
     featurizer: FeaturizerConfig = FeaturizerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -206,9 +302,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _known_variants(self):
-        unknown = [v for v in self.variants if v not in METHODS]
+        unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
-            raise ValueError(f"variants: unknown variant {unknown[0]!r} (known: {', '.join(METHODS)})")
+            raise ValueError(f"variants: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
         return self
 
 

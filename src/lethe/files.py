@@ -44,7 +44,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, payload) -> None:
-    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """JSON with NaN written as null (NaN is not JSON, and DVC's metrics reader refuses it)."""
+    write_text(path, json.dumps(_no_nan(payload), indent=2, sort_keys=True) + "\n")
+
+
+def _no_nan(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def content_hash(path: str | Path) -> str:

@@ -41,8 +41,9 @@ def version_metrics(version) -> dict[str, float]:
 
 
 def _model_hash(model_dir: Path, params) -> str:
-    """Weights and sampler settings: what decides the packaged model's outputs."""
-    packaged = content_hash(model_dir / "weights.safetensors") + params.sample.model_dump_json()
+    """Weights, config (with its inference-time mitigations) and sampler settings: what decides the outputs."""
+    packaged = (content_hash(model_dir / "weights.safetensors") + content_hash(model_dir / "config.json")
+                + params.sample.model_dump_json())
     return hashlib.sha256(packaged.encode()).hexdigest()[:20]
 
 

@@ -2,10 +2,18 @@
 
 Each prompt's starting noise comes from its own seed on the CPU, so a (prompt, seed) pair gives the
 same image whatever the batch it lands in and whatever the device.
+
+A model's inference-time mitigations travel in its config (`spec["inference"]`) and are applied
+here, so the packaged model is the mitigated model: `memattn` (attention masking and scaling) and
+`wen` (prompt-embedding optimisation at the first step). A `SamplingTrace` records, for detection,
+what guided sampling computes anyway: Wen's noise magnitude and the conditional branch's
+cross-attention maps at every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,16 +23,60 @@ from torchvision.utils import make_grid
 
 from lethe.config import SampleConfig
 from lethe.data.prepared import to_uint8
+from lethe.memorization.attention import attention_control
+from lethe.memorization.noise_magnitude import noise_magnitude
+from lethe.mitigation.memattn import memattn_steering
+from lethe.mitigation.prompt_embedding import optimise_prompt_embedding
 from lethe.models.factory import DiffusionModel
+
+
+@dataclass
+class SamplingTrace:
+    """Per prompt and step: noise magnitude (N x steps) and attention maps per layer (N x steps x tokens)."""
+
+    attention: bool = True
+    ids: list[torch.Tensor] = field(default_factory=list)
+    _magnitudes: list[list[torch.Tensor]] = field(default_factory=list)
+    _maps: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    def start_batch(self, ids: torch.Tensor) -> None:
+        self.ids.append(ids)
+        self._magnitudes.append([])
+        self._maps.append([])
+
+    def record(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
+        n = len(eps_cond)
+        self._magnitudes[-1].append(noise_magnitude(eps_cond, eps_uncond).cpu())
+        self._maps[-1].append({layer: m[-n:].cpu() for layer, m in maps.items()})  # the conditional rows
+
+    @property
+    def magnitudes(self) -> torch.Tensor:
+        return torch.cat([torch.stack(steps, 1) for steps in self._magnitudes])
+
+    @property
+    def maps(self) -> dict[str, torch.Tensor]:
+        layers = self._maps[0][0].keys() if self._maps and self._maps[0] else []
+        return {layer: torch.cat([torch.stack([s[layer] for s in steps], 1) for steps in self._maps]) for layer in layers}
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return torch.cat(self.ids)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def sampling_scheduler(train_scheduler: SchedulerMixin, steps: int) -> DDIMScheduler:
+    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
 @torch.no_grad()
 def generate(
-    model: DiffusionModel, train_scheduler: SchedulerMixin, prompts: list[str], seeds: list[int], cfg: SampleConfig
+    model: DiffusionModel, train_scheduler: SchedulerMixin, prompts: list[str], seeds: list[int], cfg: SampleConfig,
+    trace: SamplingTrace | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1], one per (prompt, seed), on the CPU."""
     if len(prompts) != len(seeds):
@@ -32,20 +84,34 @@ def generate(
     was_training = model.training
     model.eval()
     device = model.unet.device
-    scheduler = DDIMScheduler.from_config(train_scheduler.config)
-    scheduler.set_timesteps(cfg.steps)
+    scheduler = sampling_scheduler(train_scheduler, cfg.steps)
+    mitigations = model.spec.get("inference", {})
+    capture = trace is not None and trace.attention
+    control = attention_control(model) if capture or "memattn" in mitigations else None
     empty = model.encode_text(model.text_encoder.tokenize([""]))
     out = []
     for start in range(0, len(prompts), cfg.batch_size):
-        batch_prompts = prompts[start : start + cfg.batch_size]
-        cond = model.encode_text(model.text_encoder.tokenize(batch_prompts))
-        states = torch.cat([empty.expand_as(cond), cond])
+        ids = model.text_encoder.tokenize(prompts[start : start + cfg.batch_size])
+        cond = model.encode_text(ids)
         x = initial_noise(model.sample_shape, seeds[start : start + cfg.batch_size]).to(device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_uncond, eps_cond = model.unet(x_in, t, encoder_hidden_states=states).sample.chunk(2)
-            eps = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+        if "wen" in mitigations:
+            t0 = scheduler.timesteps[0]
+            cond = optimise_prompt_embedding(model.unet, t0, scheduler.scale_model_input(x, t0), cond, empty,
+                                             **mitigations["wen"])
+        states = torch.cat([empty.expand_as(cond), cond])
+        if trace is not None:
+            trace.start_batch(ids)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(memattn_steering(control, ids, model.text_encoder.end_token_id, mitigations.get("memattn")))
+            if capture:
+                stack.enter_context(control.capturing())
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+                eps_uncond, eps_cond = model.unet(x_in, t, encoder_hidden_states=states).sample.chunk(2)
+                if trace is not None:
+                    trace.record(eps_cond, eps_uncond, control.captured if capture else {})
+                eps = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
+                x = scheduler.step(eps, t, x).prev_sample
         out.append(model.decode(x).clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)

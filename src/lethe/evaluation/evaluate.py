@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlflow
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lethe.config import EvaluateConfig, Params
 from lethe.data.prepared import PreparedData
-from lethe.evaluation.featurizer import Featurizer, load_featurizer
+from lethe.devices import inference_device
+from lethe.evaluation.clip_score import load_clip_score
+from lethe.evaluation.featurizer import Featurizer, has_featurizer, load_featurizer
 from lethe.evaluation.gallery import save_gallery
 from lethe.files import atomic_dir, content_hash, write_json
 from lethe.memorization.features import load_features
@@ -35,7 +38,18 @@ def criteria(cfg: EvaluateConfig) -> Criteria:
     return Criteria(cfg.sim_threshold, cfg.nn_ratio, cfg.rel_l2_n, cfg.rel_l2_threshold, cfg.criterion, cfg.chunk_size)
 
 
-def frechet_distance(featurizer: Featurizer, real: torch.Tensor, fake: torch.Tensor) -> float:
+class FeatureSpace(torch.nn.Module):
+    """Features (SSCD, open_clip, pixels) as the module torchmetrics' FD takes, feature size given up front."""
+
+    def __init__(self, featurize: Callable[[torch.Tensor], torch.Tensor], dim: int):
+        super().__init__()
+        self.featurize, self.num_features = featurize, dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.featurize(images)
+
+
+def frechet_distance(featurizer: Featurizer | FeatureSpace, real: torch.Tensor, fake: torch.Tensor) -> float:
     fd = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
     fd.update(real, real=True)
     fd.update(fake, real=False)
@@ -53,17 +67,37 @@ def diversity(features: torch.Tensor, per_prompt: int) -> float:
     return 1 - (off_diagonal / (per_prompt * (per_prompt - 1))).mean().item()
 
 
+@dataclass
+class TrainingSet:
+    """Every image a variant was trained on (pretraining and target splits): what a generation may copy."""
+
+    pixels: torch.Tensor
+    features: torch.Tensor
+    featurize: Callable[[torch.Tensor], torch.Tensor]
+    criteria: Criteria
+
+    @classmethod
+    def load(cls, data: PreparedData, cfg: EvaluateConfig) -> "TrainingSet":
+        featurize = load_features(cfg.features, str(FEATURIZER) if cfg.features == "featurizer" else cfg.features_path,
+                                  cfg.open_clip_model, inference_device())
+        pixels = data.tensor([r.id for r in data.records if r.split in ("pretrain", "target")])
+        return cls(pixels, featurize(pixels), featurize, criteria(cfg))
+
+    def replication(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return replication_scores(self.featurize(images), self.features, images, self.pixels, self.criteria)
+
+
 def evaluate(params: Params, variant: str) -> dict[str, float]:
     cfg = params.evaluate
     data = PreparedData.load(DATA)
     model = load_model(Path("models") / variant)
     scheduler = build_scheduler(model, params.diffusion)
-    featurizer = load_featurizer(FEATURIZER)
-    features = load_features(cfg.features, str(FEATURIZER) if cfg.features == "featurizer" else cfg.features_path,
-                             cfg.open_clip_model)
-    train_ids = np.array([r.id for r in data.records if r.split in ("pretrain", "target")])
-    train_pixels = data.tensor(train_ids)
-    train_features = features(train_pixels)
+    model.to(inference_device())
+    training = TrainingSet.load(data, cfg)
+    # labelled data (the digits): the featurizer; an image folder: FD and diversity in evaluate.features' space
+    featurizer = (load_featurizer(FEATURIZER) if has_featurizer(FEATURIZER)
+                  else FeatureSpace(training.featurize, training.features.shape[1]))
+    clip_score = load_clip_score(cfg.clip_model_path, cfg.open_clip_model, inference_device()) if cfg.clip_model_path else None
     holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
 
     metrics, shown, generated_seconds, generated_count = {}, [], 0.0, 0
@@ -76,13 +110,15 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
         images = generate(model, scheduler, prompts, list(range(k)) * len(records), params.sample)
         generated_seconds += time.perf_counter() - started
         generated_count += len(images)
-        scores = replication_scores(features(images), train_features, images, train_pixels, criteria(cfg))
+        scores = training.replication(images)
         group_metrics = {f"replication/{name}": value for name, value in summarize(scores).items()}
         with torch.no_grad():
             group_metrics["quality/fd"] = frechet_distance(featurizer, holdout_pixels, images)
             group_metrics["quality/diversity"] = diversity(featurizer(images), k)
+            if clip_score is not None:
+                group_metrics["quality/clip_score"] = clip_score(images, prompts).mean().item()
             labels = torch.tensor([r.label if r.label is not None else -1 for r in records]).repeat_interleave(k)
-            if (labels >= 0).all():
+            if (labels >= 0).all() and isinstance(featurizer, Featurizer):
                 predicted = featurizer.classify(images).argmax(1)
                 group_metrics["quality/prompt_accuracy"] = (predicted == labels).float().mean().item()
         metrics |= {f"{name}/{group}": value for name, value in group_metrics.items()}
@@ -99,7 +135,7 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
                    data_hash=content_hash(DATA)):
         mlflow.log_metrics(metrics)
         with atomic_dir(Path("reports/evaluate") / variant) as tmp:
-            save_gallery(shown, train_pixels, tmp / "gallery.png")
+            save_gallery(shown, training.pixels, tmp / "gallery.png")
             save_grid(torch.cat([s[1] for s in shown]), tmp / "samples.png", nrow=cfg.gallery_rows)
         mlflow.log_artifacts(str(Path("reports/evaluate") / variant))
     write_json(Path("metrics") / f"{variant}.json", metrics)

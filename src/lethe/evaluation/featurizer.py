@@ -66,10 +66,21 @@ def save_featurizer(net: Featurizer, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(net.spec) + "\n")
 
 
+NO_LABELS = {"featurizer": None, "reason": "the images have no labels (an image folder): FD and diversity use evaluate.features"}
+
+
+def has_featurizer(path: str | Path) -> bool:
+    """False where the featurizer stage ran on unlabelled images (an image folder) and trained nothing."""
+    config = Path(path) / "config.json"
+    return config.exists() and "featurizer" not in json.loads(config.read_text())
+
+
 def load_featurizer(path: str | Path) -> Featurizer:
     path = Path(path)
     if not (path / "config.json").exists():
         raise LetheError(f"{path}: no featurizer here; run `dvc repro featurizer` first")
+    if not has_featurizer(path):
+        raise LetheError(f"{path}: no featurizer for unlabelled images; set evaluate.features to sscd, open_clip or pixels")
     net = Featurizer(**json.loads((path / "config.json").read_text()))
     net.load_state_dict(load_file(path / "weights.safetensors"))
     return net.eval()
@@ -84,9 +95,10 @@ def featurizer_stage(params) -> dict[str, float]:
     from lethe.tracking import stage_run
 
     data = PreparedData.load("data/prepared")
-    if any(r.label is None for r in data.records):
-        raise LetheError("data/prepared: the featurizer needs labelled images (the embedded digits); "
-                         "set evaluate.features to sscd or open_clip for an image folder")
+    if any(r.label is None for r in data.records):  # an image folder: nothing to train; evaluate uses its features
+        with atomic_dir("models/featurizer") as tmp:
+            (tmp / "config.json").write_text(json.dumps(NO_LABELS) + "\n")
+        return {}
     pretrain, holdout = data.split("pretrain"), data.split("holdout")
     cfg = params.featurizer
     with stage_run(params, stage="featurizer", method="featurizer", sections=("featurizer",),

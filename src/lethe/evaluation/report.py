@@ -98,6 +98,33 @@ def tradeoff_png(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+DETECTION_SCORES = ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim")
+
+
+def detection_section(path: Path = Path("metrics/detect.json"), localize: Path = Path("metrics/localize.json")) -> str:
+    """The detect stage's AUROC and TPR@1%FPR per score, and NeMo's neuron counts, when those stages ran."""
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    lines = ["", "## Detection on the baseline", "",
+             "| score | AUROC (measured) | TPR@1%FPR (measured) | AUROC (planted) | TPR@1%FPR (planted) |",
+             "|---|---|---|---|---|"]
+    for score in DETECTION_SCORES:
+        cells = [d.get(f"detection/{score}/{k}") for k in ("auroc", "tpr_at_1pct_fpr", "planted_auroc", "planted_tpr_at_1pct_fpr")]
+        lines.append(f"| {score} | " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append("")
+    lines.append("measured: prompts whose baseline generations replicate a training image, against the rest; "
+                 "planted: dup prompts against holdout prompts. Memorized share (measured): "
+                 + ", ".join(f"{g} {_cell(d.get(f'detection/memorized_share/{g}'))}" for g in ("dup", "unique", "holdout")))
+    if localize.exists():
+        n = json.loads(localize.read_text())
+        lines += ["", "## NeMo neurons", "",
+                  f"tau_mem {_cell(n['nemo/tau_mem'])}; memorized target prompts {n['nemo/memorized_prompts']:.0f}, "
+                  f"localized {n['nemo/localized_prompts']:.0f}; median neurons per prompt {_cell(n['nemo/median_neurons'])}; "
+                  f"union deactivated in evaluate@nemo: {n['nemo/union_neurons']:.0f} (table: reports/localize/neurons.md)"]
+    return "\n".join(lines) + "\n"
+
+
 def report(params) -> dict[str, dict[str, float]]:
     import mlflow
 
@@ -106,7 +133,10 @@ def report(params) -> dict[str, dict[str, float]]:
     metrics = load_metrics(params.variants)
     points = tradeoff_points(metrics)
     reports = Path("reports")
-    write_text(reports / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics))
+    from lethe.search.summary import memcontrol_section
+
+    write_text(reports / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + detection_section()
+               + memcontrol_section(metrics))
     write_text(reports / "report.html", html_table(metrics))
     tradeoff_png(points, reports / "tradeoff.png")
     write_json("plots/tradeoff.json", points)

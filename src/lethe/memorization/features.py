@@ -25,18 +25,37 @@ def _rgb(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     x = (images.float() + 1) / 2
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
 
-def batched(fn: Features, batch_size: int = 256) -> Features:
+def batched(fn: Features, batch_size: int = 256, device: torch.device | str = "cpu") -> Features:
+    """Apply `fn` in batches on `device`; features come back as float32 on the CPU."""
     @torch.no_grad()
     def apply(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
+        return torch.cat([fn(images[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(images), batch_size)])
 
     return apply
 
 
-def load_features(kind: str, path: str | None = None, open_clip_model: str = "ViT-B-32") -> Features:
+def load_open_clip(name: str, path: str | None, key: str, device: torch.device | str = "cpu"):
+    """An open_clip model from a local weights file (`pretrained=` that path) and its image preprocessing."""
+    import open_clip
+
+    if not path or not Path(path).is_file():
+        raise LetheError(f"{key}: '{path}' is not a file; open_clip needs a local weights file")
+    try:
+        model = open_clip.create_model(name, pretrained=path, require_pretrained=True).to(device).eval()
+    except (RuntimeError, ValueError) as exc:
+        raise LetheError(f"{key}: '{path}' does not load as open_clip model '{name}' ({str(exc).splitlines()[0][:200]})")
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    mean, std = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    return model, lambda x: _rgb(x.to(device), size, mean, std)
+
+
+def load_features(kind: str, path: str | None = None, open_clip_model: str = "ViT-B-32",
+                  device: torch.device | str = "cpu") -> Features:
+    """`device` is where SSCD and open_clip run (pixels and the small featurizer stay on the CPU)."""
     if kind == "pixels":
         return batched(lambda x: x.flatten(1).float())
     if kind == "featurizer":
@@ -46,13 +65,12 @@ def load_features(kind: str, path: str | None = None, open_clip_model: str = "Vi
     if not path or not Path(path).is_file():
         raise LetheError(f"evaluate.features_path: '{path}' is not a file; {kind} features need local weights")
     if kind == "sscd":
-        model = torch.jit.load(path, map_location="cpu").eval()  # TorchScript, not a pickle
-        return batched(lambda x: model(_rgb(x, 288, IMAGENET_MEAN, IMAGENET_STD)))
+        try:
+            model = torch.jit.load(path, map_location=device).eval()  # TorchScript, not a pickle
+        except RuntimeError as exc:
+            raise LetheError(f"evaluate.features_path: '{path}' is not a TorchScript file ({str(exc).splitlines()[0][:200]})")
+        return batched(lambda x: model(_rgb(x, 288, IMAGENET_MEAN, IMAGENET_STD)), device=device)
     if kind == "open_clip":
-        import open_clip
-
-        model = open_clip.create_model(open_clip_model, pretrained=path).eval()
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return batched(lambda x: model.encode_image(_rgb(x, size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)))
+        model, preprocess = load_open_clip(open_clip_model, path, "evaluate.features_path", device)
+        return batched(lambda x: model.encode_image(preprocess(x)), device=device)
     raise LetheError(f"evaluate.features: unknown kind '{kind}' (pixels, featurizer, sscd, open_clip)")

@@ -118,6 +118,8 @@ def load_model(path: str | Path) -> DiffusionModel:
     spec = json.loads((path / "config.json").read_text())
     model = build_model(ModelConfig(**spec["model"]), spec["resolution"], spec["channels"], spec.get("vocabulary"))
     model.spec["save_text_encoder"] = spec["save_text_encoder"]
+    if "inference" in spec:  # inference-time mitigations, applied by lethe.sampling.generate
+        model.spec["inference"] = spec["inference"]
     if "raunet" in spec:
         rau = dict(spec["raunet"])
         add_raunet(model, LoyalConfig(**{k: v for k, v in rau.items() if k != "tau"}), rau["tau"])

@@ -58,6 +58,10 @@ class SmallTextEncoder(nn.Module):
     def dim(self) -> int:
         return self.token_embedding.embedding_dim
 
+    @property
+    def end_token_id(self) -> int:
+        return clip_tokenizer().eot_token_id
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return clip_tokenizer()(list(prompts), context_length=self.context_length)
 
@@ -80,6 +84,10 @@ class ClipTextEncoder(nn.Module):
     @property
     def dim(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def end_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(

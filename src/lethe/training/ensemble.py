@@ -116,7 +116,8 @@ class ProxyEnsemble(DiffusionTraining):
         if augment.any():
             rows = torch.flatnonzero(keep)[augment]
             shifts = torch.ceil(closeness[augment] * self.taa_max_shift).long().cpu()
-            shifted = {"images": shift_images(batch["images"][rows], shifts), "ids": batch["ids"][rows]}
+            key = "latents" if "latents" in batch else "images"  # latent path: cached latents are shifted
+            shifted = {key: shift_images(batch[key][rows], shifts), "ids": batch["ids"][rows]}
             losses = torch.cat([losses[~augment], self.denoise(shifted, model, t=d.t[rows]).losses])
         self.log("train/augmented_share", augment.float().mean())
         return losses.mean()

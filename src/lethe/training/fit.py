@@ -1,13 +1,20 @@
-"""Run a Lightning fit with the project's conventions: EMA, clipping, periodic checkpoints, resume.
+"""Run a Lightning fit with the project's conventions: EMA, clipping, periodic checkpoints, resume, scale-out.
 
 Resume checkpoints live under `.lethe/checkpoints/<key>/`, outside DVC's outputs (DVC deletes a stage's
 outputs before re-running it, which would throw away the very checkpoint a re-run needs). The key
 hashes everything that determines the run, so a changed param never resumes from a stale checkpoint.
 The directory is removed once the stage's outputs are written.
+
+Scale-out: `strategy`, `accelerator`, `devices`, `num_nodes` and `precision` go to Lightning. `batch_size`
+is the global batch: each of the W = devices x num_nodes processes takes its own contiguous 1/W of the
+batch `StepBatches` draws for a step (Lightning's distributed sampler is off: it cannot split a batch
+sampler), and the module draws noise, timesteps and caption dropout for the whole global batch and
+keeps its rows, so W processes see the same samples with the same noise as one process would.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -17,11 +24,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lethe.config import TrainConfig
 from lethe.data.prepared import PreparedData, Record, to_float
+from lethe.errors import LetheError
 from lethe.training.module import DiffusionTraining
 
 
@@ -29,10 +40,13 @@ class CaptionedImages(Dataset):
     """Training records (duplicates already expanded) as image tensors and token ids.
 
     `caption_noise`, when given, rewrites a caption each time it is drawn (random caption words).
+    `latents`, when given (the latent path), are the cached VAE latents of every prepared image: items
+    then carry `latents` instead of `images`, and training never runs the VAE encoder.
     """
 
-    def __init__(self, data: PreparedData, records: list[Record], tokenize, caption_noise=None):
-        self.images = data.images
+    def __init__(self, data: PreparedData, records: list[Record], tokenize, caption_noise=None,
+                 latents: torch.Tensor | None = None):
+        self.images, self.latents = data.images, latents
         self.image_ids = np.array([r.id for r in records])
         self.captions = [r.caption for r in records]
         self.tokenize, self.caption_noise = tokenize, caption_noise
@@ -47,6 +61,8 @@ class CaptionedImages(Dataset):
             ids = self.token_ids[i]
         else:
             ids = self.tokenize([self.caption_noise(self.captions[i])])[0]
+        if self.latents is not None:
+            return {"latents": self.latents[self.image_ids[i]], "ids": ids, "index": i, "step": step}
         return {"images": to_float(self.images[self.image_ids[i]]), "ids": ids, "index": i, "step": step}
 
 
@@ -55,25 +71,32 @@ class StepBatches(Sampler):
 
     So a run resumed at step s sees exactly the batches an uninterrupted run would have, and a method
     that moves samples between shards mid-run (IET-AGC+) is seen by the very next batch.
+    `batch_size` is the global batch; `shard()` gives (world size, rank), read when iteration starts
+    (after Lightning has set the ranks up), and each rank yields its contiguous share of every batch.
     """
 
-    def __init__(self, pool, steps: int, batch_size: int, seed: int, start=lambda: 0):
+    def __init__(self, pool, steps: int, batch_size: int, seed: int, start=lambda: 0, shard=lambda: (1, 0)):
         self.pool, self.steps, self.batch_size, self.seed, self.start = pool, steps, batch_size, seed, start
+        self.shard = shard
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        world, rank = self.shard()
+        if self.batch_size % world:
+            raise LetheError(f"batch_size {self.batch_size} does not split evenly over {world} processes")
+        share = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
         for step in range(self.start(), self.steps):
             members = self.pool(step)
             rng = np.random.default_rng([self.seed, step])
-            yield [(int(i), step) for i in members[rng.integers(0, len(members), self.batch_size)]]
+            yield [(int(i), step) for i in members[rng.integers(0, len(members), self.batch_size)][share]]
 
 
-def training_loader(dataset: Dataset, cfg: TrainConfig, pool=None, start=lambda: 0) -> DataLoader:
+def training_loader(dataset: Dataset, cfg: TrainConfig, pool=None, start=lambda: 0, shard=lambda: (1, 0)) -> DataLoader:
     """Exactly `steps` batches, one long epoch, whatever the dataset's size."""
     pool = pool or (lambda step: np.arange(len(dataset)))
-    return DataLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start))
+    return DataLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start, shard))
 
 
 def checkpoint_key(*parts) -> str:
@@ -86,6 +109,36 @@ class FitResult:
     seconds: float
     steps: int
     resumed_from: str | None
+    is_main: bool = True  # global rank 0: the process that writes outputs
+    module: DiffusionTraining | None = None  # the trained module (under FSDP: an unsharded copy, on rank 0)
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> int:
+    """Recompute every U-Net's activations in the backward pass (RAU-Net and proxies included)."""
+    unets = [m for m in module.modules() if isinstance(m, UNet2DConditionModel)]
+    for unet in unets:
+        unet.enable_gradient_checkpointing()
+    return len(unets)
+
+
+class GatherFullWeights(L.Callback):
+    """Under FSDP, the full (unsharded) weights at the end of training: every rank takes part, rank 0 keeps them."""
+
+    state: dict | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
+
+
+def _trainer(cfg: TrainConfig, **kwargs) -> L.Trainer:
+    """Lightning's Trainer; a strategy, accelerator, device or precision it refuses is a params error."""
+    try:
+        return L.Trainer(max_steps=cfg.steps, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                         strategy=cfg.strategy, precision=cfg.precision, use_distributed_sampler=False, **kwargs)
+    except (MisconfigurationException, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LetheError(f"training params (strategy {cfg.strategy!r}, accelerator {cfg.accelerator!r}, devices "
+                         f"{cfg.devices!r}, num_nodes {cfg.num_nodes}, precision {cfg.precision!r}): {first}")
 
 
 def fit(
@@ -93,25 +146,30 @@ def fit(
 ) -> FitResult:
     """Train for cfg.steps optimizer steps; resume from `checkpoint_dir/last.ckpt` when it exists.
 
-    On return the module holds the EMA weights (Lightning's EMA callback swaps them in at the end).
+    On return the module holds the EMA weights (Lightning's EMA callback swaps them in at the end; with
+    `ema_decay: 0` there is no EMA callback, which gives the same weights). Under DDP every process
+    calls this; `FitResult.is_main` says which one writes the outputs.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / "last.ckpt"
-    trainer = L.Trainer(
-        max_steps=cfg.steps,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(module)
+    sharded = "fsdp" in str(cfg.strategy).lower()
+    unsharded = copy.deepcopy(module) if sharded else None  # FSDP replaces the parameters it shards
+    gather = GatherFullWeights()
+    trainer = _trainer(
+        cfg,
         gradient_clip_val=cfg.grad_clip,
         logger=logger if logger is not None else False,
         callbacks=[
-            EMAWeightAveraging(decay=cfg.ema_decay, use_buffers=False),
+            *([EMAWeightAveraging(decay=cfg.ema_decay, use_buffers=False)] if cfg.ema_decay > 0 else []),
             ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True),
             *([LearningRateMonitor(logging_interval="step"),
                # rates over a sliding window of batches; short runs get a short window
                ThroughputMonitor(batch_size_fn=lambda batch: len(batch["ids"]), window_size=max(2, min(100, cfg.steps // 4)))]
               if logger is not None else []),
+            *([gather] if sharded else []),
             *callbacks,
         ],
         log_every_n_steps=max(1, min(10, cfg.steps // 4)),
@@ -123,6 +181,11 @@ def fit(
     resume = str(last) if last.exists() else None
     started = time.perf_counter()
     loader = training_loader(dataset, cfg, pool=lambda step: module.batch_pool(step, len(dataset)),
-                             start=lambda: module.global_step)  # read after a resume has restored it
+                             start=lambda: module.global_step,  # read after a resume has restored it
+                             shard=lambda: (trainer.world_size, trainer.global_rank))
     trainer.fit(module, loader, ckpt_path=resume)
-    return FitResult(time.perf_counter() - started, trainer.global_step, resume)
+    if sharded:  # the full weights, gathered at the end of training, into the unsharded copy on rank 0
+        if trainer.is_global_zero:
+            unsharded.load_state_dict(gather.state)
+        module = unsharded
+    return FitResult(time.perf_counter() - started, trainer.global_step, resume, trainer.is_global_zero, module)

@@ -15,6 +15,7 @@ from lethe.config import Params
 from lethe.data.shards import load_shards
 from lethe.models.factory import DiffusionModel, add_raunet
 from lethe.training.ensemble import ProxyEnsemble
+from lethe.training.memattn_filter import MemAttnFilteredTraining
 from lethe.training.module import DiffusionTraining
 from lethe.training.wen_filter import WenFilteredTraining
 
@@ -29,6 +30,8 @@ SECTIONS = {
     "ietagc_plus": ("ietagc", "ietagc_plus"),
     "wen_filter": ("wen_filter",),
     "random_caption": ("random_caption",),
+    "memattn_filter": ("memattn_filter",),
+    "memcontrol": ("memcontrol",),
 }
 
 
@@ -52,6 +55,13 @@ def training_module(params: Params, method: str, model: DiffusionModel, schedule
         add_raunet(model, params.loyal, tau=0 if method == "raunet" else params.loyal.tau)
     if method == "wen_filter":
         return WenFilteredTraining(model, scheduler, cfg, params.wen_filter.factor, params.wen_filter.momentum)
+    if method == "memattn_filter":
+        f = params.memattn_filter
+        return MemAttnFilteredTraining(model, scheduler, cfg, f.layer, f.z, f.momentum)
+    if method == "memcontrol":  # the mask and learning rate the `memcontrol` search chose
+        from lethe.search.memcontrol import chosen_training
+
+        return chosen_training(params, model, scheduler)
     if method in ("ietagc", "ietagc_plus"):
         iet, plus = params.ietagc, params.ietagc_plus if method == "ietagc_plus" else None
         return ProxyEnsemble(

@@ -46,15 +46,16 @@ class DiffusionTraining(L.LightningModule):
     def denoise(self, batch: dict, model: DiffusionModel | None = None, t: torch.Tensor | None = None) -> Denoised:
         """Noise the images at random timesteps (or the given ones) and predict the noise."""
         model = model or self.model
-        x0 = model.encode_images(batch["images"])
+        x0 = batch["latents"] if "latents" in batch else model.encode_images(batch["images"])  # latents: cached
         ids = batch["ids"]
-        dropped = torch.rand(len(ids), device=ids.device) < self.cfg.caption_dropout
+        total, rows = self.global_rows(len(ids))  # draws for the whole global batch, this rank's rows kept
+        dropped = (torch.rand(total, device=ids.device) < self.cfg.caption_dropout)[rows]
         ids = torch.where(dropped[:, None], self.empty_ids, ids)
         with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
             states = model.encode_text(ids)
-        noise = torch.randn_like(x0)
+        noise = torch.randn((total, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)[rows]
         if t is None:
-            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
+            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (total,), device=x0.device)[rows]
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         prediction = model.unet(noisy, t, encoder_hidden_states=states).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -63,6 +64,16 @@ class DiffusionTraining(L.LightningModule):
             target = noise
         losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
         return Denoised(losses, t, noisy, states, prediction)
+
+    def global_rows(self, n: int) -> tuple[int, slice]:
+        """The global batch size and this rank's rows in it, when each of W ranks holds n samples.
+
+        Every rank draws the random numbers of the whole global batch from the same seeded stream and
+        keeps its own rows, so W processes give each sample the noise one process would (W = 1: n, all).
+        """
+        trainer = self._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None and self.training else (1, 0)
+        return n * world, slice(rank * n, (rank + 1) * n)
 
     def per_sample_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoising loss per sample (mean over its pixels) and the timesteps drawn for it."""

@@ -1,0 +1,1 @@
+"""NeMo: find the cross-attention value neurons that carry a memorized prompt, and deactivate them."""

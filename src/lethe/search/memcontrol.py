@@ -1,0 +1,264 @@
+"""MemControl (Dutt et al., WACV 2025): search which parts of the U-Net to fine-tune so it memorizes less.
+
+1. Outer loop: an Optuna study, NSGA-II on two minimised objectives, samples one bit per transformer
+   block (down, mid, up attentions) and a log-uniform learning rate.
+2. Inner loop: the pretrained model is fine-tuned with that mask (`training/peft_masks.py`) for
+   `trial_steps` steps on the target split, whose memorization subset (the planted duplicates) is
+   repeated, through the same LightningModule and `fit()` as every other training.
+3. Objectives: memorization = Wen's noise magnitude at random timesteps on the memorization subset
+   (per image the mean over draws, then the max or mean over images); quality = the Fréchet distance
+   of generations from holdout prompts to the holdout images, in the featurizer's feature space.
+4. Policy: among completed trials, the lowest memorization whose FD is within `fd_tolerance` of a
+   reference: full fine-tuning with the same budget, or the best trial.
+
+The study lives in a storage that several workers share and that a killed run resumes from; its name
+hashes every input of a trial, so a changed search never mixes with stale trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import torch
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from lethe.config import Params
+from lethe.data.prepared import PreparedData
+from lethe.errors import LetheError, TrainingDiverged
+from lethe.evaluation.evaluate import frechet_distance
+from lethe.evaluation.featurizer import Featurizer, load_featurizer
+from lethe.files import content_hash
+from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
+from lethe.models.factory import build_scheduler, load_model
+from lethe.sampling import generate
+from lethe.training.fit import CaptionedImages, checkpoint_key, fit
+from lethe.training.module import DiffusionTraining
+from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainable_count, transformer_blocks
+
+DATA, PRETRAINED, FEATURIZER = Path("data/prepared"), Path("models/pretrained"), Path("models/featurizer")
+STUDIES, CHOSEN = Path("search/studies"), Path("search/memcontrol.json")
+STUDY_VERSION = 1  # part of the study key: raise it when a change to the objectives makes old trials stale
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Inputs:
+    """What every trial reads, loaded once per worker."""
+
+    params: Params
+    data: PreparedData
+    blocks: list[str]
+    featurizer: Featurizer
+    memorized: list  # the memorization subset: target records planted more than once
+    holdout_pixels: torch.Tensor
+    study_name: str
+
+
+def study_key(params: Params) -> str:
+    """A hash of everything a trial's result depends on (not n_trials or the policy: they may change)."""
+    search = params.memcontrol.model_dump(
+        mode="json", exclude={"n_trials", "fd_reference", "fd_tolerance", "max_trainable_share", "storage", "workers"})
+    finetune = params.finetune.model_dump(mode="json", exclude={"steps", "lr", "checkpoint_every"})
+    return checkpoint_key("memcontrol", STUDY_VERSION, search, finetune, params.sample.model_dump(mode="json"),
+                          params.diffusion.model_dump(mode="json"),
+                          *(content_hash(p) for p in (DATA, PRETRAINED, FEATURIZER)))
+
+
+def load_inputs(params: Params) -> Inputs:
+    data = PreparedData.load(DATA)
+    memorized = [r for r in data.split("target") if r.dup_count > 1]
+    if not memorized:
+        raise LetheError("memcontrol needs a memorization subset: no target image is planted more than once "
+                         "(raise data.dup_share and data.dup_factor)")
+    return Inputs(params, data, transformer_blocks(load_model(PRETRAINED).unet), load_featurizer(FEATURIZER),
+                  memorized, data.tensor([r.id for r in data.split("holdout")]), f"memcontrol-{study_key(params)}")
+
+
+def storage(params: Params, name: str):
+    """A journal file under the stage's outputs, or the RDB URL from params (several machines)."""
+    if params.memcontrol.storage:
+        return RDBStorage(params.memcontrol.storage, heartbeat_interval=60, grace_period=180,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    STUDIES.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(STUDIES / f"{name}.journal")))
+
+
+def open_study(inputs: Inputs, worker: int) -> optuna.Study:
+    """Create the study or load it (resume); worker < 0: a helper process."""
+    cfg = inputs.params.memcontrol
+    study = optuna.create_study(storage=storage(inputs.params, inputs.study_name), study_name=inputs.study_name,
+                                load_if_exists=True, directions=["minimize", "minimize"])
+    # helpers and resumed runs get their own sampler seeds, or they would propose the same masks again
+    seed = checkpoint_key(cfg.seed, worker, os.getpid() if worker < 0 else 0, len(study.get_trials(deepcopy=False)))
+    study.sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=int(seed, 16) % 2**31)
+    return study
+
+
+def fine_tune(inputs: Inputs, mask: Mask | None, lr: float, checkpoints: Path):
+    """The inner loop: the pretrained model fine-tuned with a mask (None: everything) for the trial budget."""
+    params = inputs.params
+    model = load_model(PRETRAINED)
+    scheduler = build_scheduler(model, params.diffusion)
+    cfg = params.finetune.model_copy(update={"steps": params.memcontrol.trial_steps, "lr": lr})
+    module = DiffusionTraining(model, scheduler, cfg) if mask is None else MaskedTraining(model, scheduler, cfg, mask)
+    records = inputs.data.training_records("target")  # planted duplicates appear dup_count times
+    result = fit(module, CaptionedImages(inputs.data, records, model.text_encoder.tokenize), cfg, checkpoints)
+    trainable = trainable_count(model)
+    costs = {"cost/trainable_params": float(trainable), "cost/trainable_share": trainable / base_count(model),
+             "cost/train_seconds": result.seconds}
+    return module.trained_model(), scheduler, costs
+
+
+def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
+    """Memorization (Wen's magnitude on the memorization subset) and quality (FD on holdout prompts)."""
+    cfg = inputs.params.memcontrol
+    images = inputs.data.tensor([r.id for r in inputs.memorized])
+    generator = torch.Generator().manual_seed(cfg.seed)  # every trial scores the same noisy inputs
+    per_image = magnitude_at_random_timesteps(model, scheduler, images, [r.caption for r in inputs.memorized],
+                                              cfg.magnitude_draws, generator).mean(dim=1)
+    memorization = per_image.max() if cfg.memorization == "max" else per_image.mean()
+    prompts = [r.caption for r in inputs.data.split("holdout")[: cfg.fd_prompts]]
+    sample = inputs.params.sample.model_copy(update={"steps": cfg.sample_steps})
+    generated = generate(model, scheduler, prompts, list(range(len(prompts))), sample)
+    with torch.no_grad():
+        fd = frechet_distance(inputs.featurizer, inputs.holdout_pixels, generated)
+    return {"memorization": memorization.item(), "fd": fd}
+
+
+def _checkpoints(inputs: Inputs, *parts) -> Path:
+    """Keyed by the trial's params, so a killed trial re-enqueued with the same params resumes its training."""
+    return Path(".lethe/checkpoints") / inputs.study_name / checkpoint_key(*parts)
+
+
+def _run_tags(parent_id: str, trial: str) -> dict[str, str]:
+    return {"mlflow.parentRunId": parent_id, "stage": "memcontrol", "method": "memcontrol", "trial": trial}
+
+
+def make_objective(inputs: Inputs, parent_id: str):
+    cfg = inputs.params.memcontrol
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        bits = [trial.suggest_categorical(f"mask/{name}", [0, 1]) for name in inputs.blocks]
+        lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
+        mask = Mask.from_bits(inputs.blocks, bits, cfg.family, cfg.lora_rank, cfg.lora_alpha)
+        if not mask.blocks:
+            raise optuna.TrialPruned("an all-zero mask fine-tunes nothing")
+        name = f"memcontrol/trial-{trial.number:03d}"
+        with mlflow.start_run(run_name=name, nested=True, tags=_run_tags(parent_id, str(trial.number))) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({**trial.params, "family": cfg.family, "blocks": ",".join(mask.blocks)})
+            checkpoints = _checkpoints(inputs, trial.params)
+            model, scheduler, costs = fine_tune(inputs, mask, lr, checkpoints)
+            values = objectives(inputs, model, scheduler)
+            mlflow.log_metrics({f"memcontrol/{k}": v for k, v in values.items()} | costs)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        for key, value in costs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("blocks", list(mask.blocks))
+        return values["memorization"], values["fd"]
+
+    return objective
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """A journal has no heartbeat: trials left running by a dead process on this host are failed and
+    their params re-enqueued, so the resumed study redoes them (an RDB storage's heartbeat does this)."""
+    failed = []
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner_host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(t.params)
+        failed.append(t.number)
+        if "mlflow_run_id" in t.user_attrs:
+            mlflow.MlflowClient().set_terminated(t.user_attrs["mlflow_run_id"], "KILLED")
+    return failed
+
+
+def work(inputs: Inputs, study: optuna.Study, parent_id: str) -> int:
+    """Run trials until the study holds n_trials completed (or running) ones; returns trials run here."""
+    cfg = inputs.params.memcontrol
+    objective, ran = make_objective(inputs, parent_id), 0
+    for _ in range(3 * cfg.n_trials):  # bounded: pruned all-zero masks and diverged trials do not count
+        fail_dead_trials(study)
+        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        if states[TrialState.COMPLETE] + states[TrialState.RUNNING] >= cfg.n_trials:
+            break
+        study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
+        ran += 1
+    return ran
+
+
+def reference(inputs: Inputs, study: optuna.Study, parent_id: str) -> dict[str, float]:
+    """Full fine-tuning with the trials' budget and the baseline's learning rate: computed once per study."""
+    if "reference" in study.user_attrs:
+        return study.user_attrs["reference"]
+    params = inputs.params
+    with mlflow.start_run(run_name="memcontrol/full-finetune", nested=True, tags=_run_tags(parent_id, "full")):
+        checkpoints = _checkpoints(inputs, "full")
+        model, scheduler, costs = fine_tune(inputs, None, params.finetune.lr, checkpoints)
+        values = objectives(inputs, model, scheduler) | costs
+        mlflow.log_metrics({f"memcontrol/{k}" if "/" not in k else k: v for k, v in values.items()})
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    study.set_user_attr("reference", values)
+    return values
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def choose(trials: list[FrozenTrial], full: dict | None, cfg) -> tuple[FrozenTrial, str]:
+    """The policy: lowest memorization whose FD is within the tolerance of the reference FD."""
+    if not trials:
+        raise LetheError("memcontrol: the study has no completed trial to choose from; raise memcontrol.n_trials")
+    allowed = [t for t in trials if t.user_attrs["cost/trainable_share"] <= cfg.max_trainable_share] or trials
+    best_fd = min(t.values[1] for t in trials)
+    ref = full["fd"] if cfg.fd_reference == "full" and full else best_fd
+    within = [t for t in allowed if t.values[1] <= ref * (1 + cfg.fd_tolerance)]
+    if within:
+        return min(within, key=lambda t: (t.values[0], t.values[1])), (
+            f"lowest memorization with FD within {cfg.fd_tolerance:.0%} of the {cfg.fd_reference} reference ({ref:.3f})")
+    return min(allowed, key=lambda t: t.values[1]), f"no trial within {cfg.fd_tolerance:.0%} of {ref:.3f}: lowest FD"
+
+
+def describe(trial: FrozenTrial) -> dict:
+    return {"trial": trial.number, "blocks": trial.user_attrs["blocks"], "lr": trial.params["lr"],
+            "memorization": trial.values[0], "fd": trial.values[1],
+            "trainable_params": trial.user_attrs["cost/trainable_params"],
+            "trainable_share": trial.user_attrs["cost/trainable_share"]}
+
+
+def chosen_training(params: Params, model, scheduler) -> MaskedTraining:
+    """train@memcontrol: the chosen mask and learning rate, with the `finetune` budget of every method."""
+    if not CHOSEN.exists():
+        raise LetheError(f"{CHOSEN}: no chosen mask; run `lethe memcontrol` (or `dvc repro memcontrol`) first")
+    chosen = json.loads(CHOSEN.read_text())
+    unknown = set(chosen["blocks"]) - set(transformer_blocks(model.unet))
+    if unknown:
+        raise LetheError(f"{CHOSEN}: blocks {sorted(unknown)} are not in this model's U-Net; re-run memcontrol")
+    mask = Mask(chosen["family"], tuple(chosen["blocks"]), chosen["lora_rank"], chosen["lora_alpha"])
+    return MaskedTraining(model, scheduler, params.finetune.model_copy(update={"lr": chosen["lr"]}), mask)

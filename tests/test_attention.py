@@ -1,0 +1,155 @@
+"""Cross-attention capture and control, MemAttn's mitigation, NeMo's deactivation and localization rules."""
+
+import copy
+import math
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from lethe.localization.nemo import deactivate, first_passing, initial_candidates, refine, value_layers
+from lethe.memorization.attention import attention_control, cross_attention_layers, entropy
+from lethe.memorization.detection import detection_quality, max_cross_seed_ssim
+from lethe.mitigation.memattn import through_first_end
+
+
+def test_entropy_of_a_uniform_distribution_is_ln_n():
+    for n in (2, 24, 77):
+        assert entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), rel=1e-6)
+    assert entropy(torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _unet_output(model, x, t, states):
+    return model.unet(x, t, encoder_hidden_states=states).sample
+
+
+def test_processors_leave_the_output_unchanged_until_asked(tiny_model):
+    x, states = torch.randn(3, 1, 16, 16), torch.randn(3, 24, tiny_model.text_encoder.dim)
+    before = _unet_output(tiny_model, x, 500, states)
+    control = attention_control(tiny_model)
+    assert len(control.layers) == len(cross_attention_layers(tiny_model.unet)) >= 3
+    assert torch.allclose(_unet_output(tiny_model, x, 500, states), before, atol=1e-5)
+    with control.capturing():
+        captured = _unet_output(tiny_model, x, 500, states)
+        maps = dict(control.captured)
+    assert torch.allclose(captured, before, atol=1e-5)  # the explicit path computes the same attention
+    assert set(maps) == set(control.layers)
+    for a in maps.values():
+        assert a.shape == (3, 24) and torch.allclose(a.sum(1), torch.ones(3), atol=1e-5)
+
+
+def _one_query_attention():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=1, dim_head=8)
+    model = torch.nn.Module()
+    model.unet = torch.nn.Module()
+    model.unet.attn2 = attn
+    control = attention_control(model)
+    return attn, control
+
+
+def test_masking_and_logit_scaling_change_exactly_the_intended_positions():
+    attn, control = _one_query_attention()
+    hidden, context = torch.randn(2, 1, 8), torch.randn(2, 5, 6)  # row 0 unconditional, row 1 conditional
+    logits = (attn.to_q(hidden) @ attn.to_k(context).transpose(1, 2)).squeeze(1) * attn.scale  # 2 x 5
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with control.capturing(), control.steer(torch.tensor([False, True]), keep, begin_scale=1.25):
+        steered = attn(hidden, context)
+        probs = control.captured[control.layers[0]]
+    expected_cond = logits[1].clone()
+    expected_cond[0] *= 1.25
+    expected_cond[3:] = float("-inf")
+    assert torch.allclose(probs[1], expected_cond.softmax(-1), atol=1e-6)
+    assert torch.allclose(probs[0], logits[0].softmax(-1), atol=1e-6)  # the unconditional row is untouched
+    assert probs[1, 3:].eq(0).all()
+    plain = attn(hidden, context)
+    assert torch.allclose(steered[0], plain[0], atol=1e-6) and not torch.allclose(steered[1], plain[1])
+
+
+def test_padding_mask_keeps_through_the_first_end_token():
+    ids = torch.tensor([[7, 3, 9, 9, 0], [7, 9, 0, 0, 0], [7, 1, 2, 3, 4]])
+    assert through_first_end(ids, 9).tolist() == [
+        [True, True, True, False, False], [True, True, False, False, False], [True] * 5]
+
+
+def test_zeroing_channels_through_the_hook_equals_zeroing_rows_of_w_v(tiny_model):
+    neurons = {(name, c) for name in value_layers(tiny_model.unet) for c in (0, 3, 5)}
+    x, states = torch.randn(2, 1, 16, 16), torch.randn(2, 24, tiny_model.text_encoder.dim)
+    control = attention_control(tiny_model)
+    masks = {}
+    for name, layer in value_layers(tiny_model.unet).items():
+        masks[name] = torch.ones(2, layer.to_v.out_features)
+        masks[name][:, [0, 3, 5]] = 0.0
+    with control.masking_values(masks):
+        hooked = _unet_output(tiny_model, x, 900, states)
+    pruned = copy.deepcopy(tiny_model)
+    deactivate(pruned, neurons)
+    assert torch.allclose(hooked, _unet_output(pruned, x, 900, states), atol=1e-5)
+    assert not torch.allclose(hooked, _unet_output(tiny_model, x, 900, states), atol=1e-4)
+    layer = next(iter(value_layers(pruned.unet).values()))
+    assert layer.to_v.weight[[0, 3, 5]].abs().sum() == 0 and layer.to_v.weight[1].abs().sum() > 0
+
+
+def test_value_masks_apply_per_row(tiny_model):
+    """Row 0 intact, row 1 blocked: one forward pass scores two candidate sets."""
+    control = attention_control(tiny_model)
+    x, states = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1), torch.randn(1, 24, tiny_model.text_encoder.dim).repeat(2, 1, 1)
+    masks = {name: torch.stack([torch.ones(l.to_v.out_features), torch.zeros(l.to_v.out_features)])
+             for name, l in value_layers(tiny_model.unet).items()}
+    with control.masking_values(masks):
+        out = _unet_output(tiny_model, x, 900, states)
+    assert torch.allclose(out[0], _unet_output(tiny_model, x[:1], 900, states[:1])[0], atol=1e-5)
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+
+
+def test_cross_seed_ssim_is_one_for_identical_noise_differences():
+    same = torch.rand(1, 1, 1, 16, 16).expand(1, 4, 1, 16, 16)
+    different = torch.rand(1, 4, 1, 16, 16)
+    assert max_cross_seed_ssim(same).item() == pytest.approx(1.0, abs=1e-4)
+    assert max_cross_seed_ssim(different).item() < 0.5
+
+
+def test_detection_quality_on_separable_and_inseparable_scores():
+    perfect = detection_quality([0.9, 0.8, 0.1, 0.2, 0.3], [True, True, False, False, False])
+    assert perfect == {"auroc": 1.0, "tpr_at_1pct_fpr": 1.0}
+    reversed_ = detection_quality([0.1, 0.2, 0.9, 0.8, 0.7], [True, True, False, False, False])
+    assert reversed_["auroc"] == 0.0 and reversed_["tpr_at_1pct_fpr"] == 0.0
+    assert math.isnan(detection_quality([0.1, 0.2], [True, True])["auroc"])
+
+
+# NeMo's search rules, on a synthetic score: memorization is gone once neurons A, B and C are all off.
+NEEDED = {("l0", 1), ("l0", 2), ("l1", 0)}
+
+
+def synthetic_score(calls):
+    def score(candidates):
+        calls.append(len(candidates))
+        return [0.2 if NEEDED <= set(c) else 0.9 - 0.01 * len(NEEDED & set(c)) for c in candidates]
+    return score
+
+
+def test_initial_selection_lowers_theta_and_raises_k():
+    z = {"l0": torch.tensor([0.0, 6.0, 2.0, 0.5]), "l1": torch.tensor([1.5, 0.1, 0.2])}
+    candidates = initial_candidates(z, iterations=3)
+    assert candidates[0] == {("l0", 1)}  # |z| > 5, k = 0
+    assert candidates[1] == {("l0", 1), ("l1", 0)}  # theta 4.75, top-1 of each layer
+    assert candidates[2] == {("l0", 1), ("l0", 2), ("l1", 0), ("l1", 2)}  # top-2
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_refinement_returns_the_needed_set_below_tau_for_any_batch_size(batch_size):
+    calls = []
+    score = synthetic_score(calls)
+    start = frozenset({("l0", 0), ("l0", 1), ("l0", 2), ("l0", 3), ("l1", 0), ("l1", 1), ("l2", 4)})
+    found = refine(start, ["l0", "l1", "l2"], score, tau=0.5, batch_size=batch_size)
+    assert found == NEEDED
+    assert score([found])[0] < 0.5  # refinement never returns a set above tau_mem
+    if batch_size == 64:
+        assert len(calls) < 9  # fewer forward passes than one per candidate
+
+
+def test_first_passing_finds_the_first_below_tau():
+    calls = []
+    sets = [frozenset(), frozenset({("l0", 1)}), frozenset(NEEDED), frozenset(NEEDED | {("l2", 0)})]
+    assert first_passing(sets, synthetic_score(calls), 0.5, batch_size=2) == 2
+    assert first_passing(sets[:2], synthetic_score(calls), 0.5, batch_size=2) is None

@@ -1,0 +1,92 @@
+"""Detection on a planted case, the packaged inference-time mitigations, and MemAttn's training filter."""
+
+import copy
+
+import torch
+
+from lethe.config import SampleConfig
+from lethe.evaluation.detect import first_step
+from lethe.memorization.detection import memattn_scores, nemo_scores, wen_scores
+from lethe.models.factory import build_scheduler, load_model, save_model
+from lethe.sampling import SamplingTrace, generate
+from lethe.training.fit import CaptionedImages, fit
+from lethe.training.memattn_filter import EntropyFilter, MemAttnFilteredTraining
+from lethe.training.module import DiffusionTraining
+
+
+def scores_for(model, scheduler, prompt):
+    trace = SamplingTrace()
+    generate(model, scheduler, [prompt] * 4, [0, 1, 2, 3], SampleConfig(steps=10), trace)
+    out = {k: v.mean().item() for k, v in wen_scores(trace.magnitudes).items()}
+    out |= {k: v.mean().item() for k, v in memattn_scores(trace.maps, trace.token_ids, model.text_encoder.end_token_id, 0).items()}
+    t, noise = first_step(model, scheduler, 10, 6)
+    out["nemo_ssim"] = nemo_scores(model.unet, t, noise, model.encode_text(model.text_encoder.tokenize([prompt]))).item()
+    return out
+
+
+def test_scores_separate_a_model_trained_to_copy_a_planted_image(smoke_params, tiny_data, tiny_model, tmp_path):
+    """The same prompt on two models trained alike, one of them with the planted pair copied many times."""
+    scheduler = build_scheduler(tiny_model, smoke_params.diffusion)
+    target = tiny_data.split("target")
+    planted, others = target[0], target[1:]
+    untrained = copy.deepcopy(tiny_model)  # never sees the planted pair
+    cfg = smoke_params.finetune.model_copy(update={"steps": 120, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.5})
+    tokenize = tiny_model.text_encoder.tokenize
+    fit(DiffusionTraining(tiny_model, scheduler, cfg), CaptionedImages(tiny_data, [planted] * 16 + others, tokenize),
+        cfg, tmp_path / "copy")
+    fit(DiffusionTraining(untrained, scheduler, cfg), CaptionedImages(tiny_data, others, tokenize), cfg, tmp_path / "other")
+    trained, fresh = scores_for(tiny_model, scheduler, planted.caption), scores_for(untrained, scheduler, planted.caption)
+    assert trained["wen_first"] > fresh["wen_first"]
+    assert trained["wen_all"] > fresh["wen_all"]
+    assert trained["nemo_ssim"] > fresh["nemo_ssim"]
+
+
+def test_packaged_mitigations_change_generation_and_survive_save_and_load(smoke_params, tiny_model, tmp_path):
+    scheduler = build_scheduler(tiny_model, smoke_params.diffusion)
+    prompts, seeds, cfg = ["a bold thin handwritten one from a ledger"] * 2, [0, 1], SampleConfig(steps=4)
+    plain = generate(tiny_model, scheduler, prompts, seeds, cfg)
+    for settings in ({"memattn": {"begin_scale": 1.5, "mask_padding": True}},
+                     {"wen": {"lr": 0.5, "iterations": 3, "target": 1e-6}}):
+        tiny_model.spec["inference"] = settings
+        save_model(tiny_model, tmp_path / "m")
+        loaded = load_model(tmp_path / "m")
+        assert loaded.spec["inference"] == settings
+        mitigated = generate(loaded, scheduler, prompts, seeds, cfg)
+        assert mitigated.shape == plain.shape and not torch.allclose(mitigated, plain, atol=1e-4)
+        assert torch.allclose(generate(loaded, scheduler, prompts, seeds, cfg), mitigated, atol=1e-5)  # repeatable
+    del tiny_model.spec["inference"]
+
+
+def test_wen_optimisation_lowers_the_magnitude_and_keeps_the_beginning_token(smoke_params, tiny_model):
+    from lethe.memorization.noise_magnitude import noise_magnitude
+    from lethe.mitigation.prompt_embedding import optimise_prompt_embedding
+
+    unet = tiny_model.unet
+    ids = tiny_model.text_encoder.tokenize(["a bold thin handwritten one from a ledger", "a seven"])
+    cond, empty = tiny_model.encode_text(ids).detach(), tiny_model.encode_text(tiny_model.text_encoder.tokenize([""])).detach()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        before = noise_magnitude(unet(x, 980, encoder_hidden_states=cond).sample, unet(x, 980, encoder_hidden_states=empty.expand_as(cond)).sample)
+    new = optimise_prompt_embedding(unet, 980, x, cond, empty, lr=0.05, iterations=10, target=float(before[1]) + 1e-3)
+    with torch.no_grad():
+        after = noise_magnitude(unet(x, 980, encoder_hidden_states=new).sample, unet(x, 980, encoder_hidden_states=empty.expand_as(cond)).sample)
+    assert after[0] < before[0]  # optimised
+    assert torch.equal(new[1], cond[1])  # already below target: untouched
+    assert torch.equal(new[:, 0], cond[:, 0])  # the beginning token never moves
+
+
+def test_entropy_filter_skips_outliers_and_learns_from_every_sample():
+    f = EntropyFilter(z=2.0, momentum=0.5)
+    assert f(torch.tensor([1.0, 1.2, 0.8, 1.0])).all()  # the first batch only sets the statistics
+    keep = f(torch.tensor([1.0, 1.1, 3.0]))
+    assert keep.tolist() == [True, True, False]
+    assert f.stats[1].item() > 1.0  # the skipped outlier still moved the running mean
+
+
+def test_memattn_filter_trains_and_logs_skips(smoke_params, tiny_data, tiny_model, tmp_path):
+    scheduler = build_scheduler(tiny_model, smoke_params.diffusion)
+    cfg = smoke_params.finetune.model_copy(update={"steps": 6})
+    module = MemAttnFilteredTraining(tiny_model, scheduler, cfg, layer=0, z=0.5, momentum=0.5)
+    dataset = CaptionedImages(tiny_data, tiny_data.training_records("target"), tiny_model.text_encoder.tokenize)
+    fit(module, dataset, cfg, tmp_path / "ckpt")
+    assert module.filter.stats[0] == 1.0 and module.filter.stats[2] > 0
