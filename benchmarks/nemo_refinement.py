@@ -21,8 +21,8 @@ def main() -> None:
     from lethe.config import load_params
     from lethe.data.prepared import PreparedData
     from lethe.evaluation.detect import first_step
-    from lethe.localization.nemo import ActivationStats, MemorizationScore, localize, value_activations
-    from lethe.memorization.detection import nemo_scores
+    from lethe.localization.nemo import MemorizationScore, localize, value_activations
+    from lethe.localization.stage import calibrate, encode
     from lethe.models.factory import build_scheduler, load_model
 
     parser = argparse.ArgumentParser()
@@ -39,22 +39,14 @@ def main() -> None:
     scheduler = build_scheduler(model, params.diffusion)
     t, noise = first_step(model, scheduler, params.sample.steps, cfg.seeds)
 
-    def encode(records):
-        return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
-
-    holdout = encode(data.split("holdout")[: cfg.holdout_prompts])
-    stats = ActivationStats.of(value_activations(model, holdout))
-    scores = nemo_scores(model.unet, t, noise, holdout)
-    tau = (scores.mean() + scores.std()).item()
-    target = data.split("target")
-    target_scores = nemo_scores(model.unet, t, noise, encode(target))
-    chosen = [target[int(i)] for i in target_scores.argsort(descending=True) if target_scores[i] > tau][: args.prompts]
+    stats, tau, target, memorized, _ = calibrate(model, data, t, noise, cfg.holdout_prompts)
+    chosen = [target[i] for i in memorized[: args.prompts]]
 
     results = {}
     for name, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
         found, passes, started = [], 0, time.perf_counter()
         for record in chosen:
-            states = encode([record])
+            states = encode(model, [record])
             z = {layer: v[0] for layer, v in stats.z(value_activations(model, states)).items()}
             score = MemorizationScore(model, t, noise, states)
             neurons = localize(score, z, tau, cfg.iterations, batch_size)

@@ -26,6 +26,23 @@ from lethe.models.factory import build_scheduler, load_model, save_model
 from lethe.tracking import stage_run
 
 
+def encode(model, records) -> torch.Tensor:
+    return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
+
+
+@torch.no_grad()
+def calibrate(model, data: PreparedData, t, noise: torch.Tensor, holdout_prompts: int):
+    """Holdout activation statistics and τ_mem (mean + one std of their scores); target prompts above τ_mem, highest first."""
+    holdout = encode(model, data.split("holdout")[:holdout_prompts])
+    stats = ActivationStats.of(value_activations(model, holdout))
+    holdout_scores = nemo_scores(model.unet, t, noise, holdout)
+    tau = (holdout_scores.mean() + holdout_scores.std()).item()
+    target = data.split("target")
+    target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
+    memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
+    return stats, tau, target, memorized, target_scores
+
+
 @torch.no_grad()
 def localize_stage(params: Params) -> dict[str, float]:
     cfg = params.nemo
@@ -34,22 +51,12 @@ def localize_stage(params: Params) -> dict[str, float]:
     scheduler = build_scheduler(model, params.diffusion)
     t, noise = first_step(model, scheduler, params.sample.steps, cfg.seeds)
 
-    def encode(records):
-        return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
-
-    holdout = encode(data.split("holdout")[: cfg.holdout_prompts])
-    stats = ActivationStats.of(value_activations(model, holdout))
-    holdout_scores = nemo_scores(model.unet, t, noise, holdout)
-    tau = (holdout_scores.mean() + holdout_scores.std()).item()  # τ_mem: mean + one std over non-memorized prompts
-
-    target = data.split("target")
-    target_scores = nemo_scores(model.unet, t, noise, encode(target))
-    order = target_scores.argsort(descending=True)
-    memorized = [int(i) for i in order if target_scores[i] > tau][: cfg.max_prompts]
+    stats, tau, target, memorized, target_scores = calibrate(model, data, t, noise, cfg.holdout_prompts)
+    memorized = memorized[: cfg.max_prompts]
 
     rows, union, started = [], set(), time.perf_counter()
     for i in memorized:
-        record, states = target[i], encode([target[i]])
+        record, states = target[i], encode(model, [target[i]])
         z = {layer: values[0] for layer, values in stats.z(value_activations(model, states)).items()}
         score = MemorizationScore(model, t, noise, states)
         begun = time.perf_counter()

@@ -109,7 +109,9 @@ def fine_tune(inputs: Inputs, mask: Mask | None, lr: float, checkpoints: Path):
     params = inputs.params
     model = load_model(PRETRAINED)
     scheduler = build_scheduler(model, params.diffusion)
-    cfg = params.finetune.model_copy(update={"steps": params.memcontrol.trial_steps, "lr": lr})
+    # one process per trial: the search runs trials side by side (workers), not one trial over many devices
+    cfg = params.finetune.model_copy(update={"steps": params.memcontrol.trial_steps, "lr": lr, "devices": 1,
+                                             "num_nodes": 1, "strategy": "auto"})
     module = DiffusionTraining(model, scheduler, cfg) if mask is None else MaskedTraining(model, scheduler, cfg, mask)
     records = inputs.data.training_records("target")  # planted duplicates appear dup_count times
     result = fit(module, CaptionedImages(inputs.data, records, model.text_encoder.tokenize), cfg, checkpoints)
@@ -137,7 +139,11 @@ def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
 
 def _checkpoints(inputs: Inputs, *parts) -> Path:
     """Keyed by the trial's params, so a killed trial re-enqueued with the same params resumes its training."""
-    return Path(".lethe/checkpoints") / inputs.study_name / checkpoint_key(*parts)
+    return checkpoint_root(inputs) / checkpoint_key(*parts)
+
+
+def checkpoint_root(inputs: Inputs) -> Path:
+    return Path(".lethe/checkpoints") / f"search-{inputs.study_name}"
 
 
 def _run_tags(parent_id: str, trial: str) -> dict[str, str]:

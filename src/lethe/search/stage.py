@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,12 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from lethe.config import Params  # noqa: E402
-from lethe.errors import LetheError  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.search.memcontrol import (  # noqa: E402
-    CHOSEN, DATA, choose, completed, describe, load_inputs, open_study, reference, work,
+    CHOSEN, DATA, checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, work,
 )
 from lethe.tracking import connect, stage_run, tracking_uri  # noqa: E402
 
@@ -44,15 +43,13 @@ def _parent(params: Params, study_name: str) -> str | None:
 
 
 def _connect(params: Params) -> None:
-    """Workers started together on a fresh SQLite store race to create its tables and the experiment."""
-    for attempt in range(5):
-        try:
-            connect(params.tracking)
-            return
-        except LetheError:
-            if attempt == 4 or not tracking_uri(params.tracking).startswith("sqlite:"):
-                raise
-            time.sleep(1 + attempt)
+    """Workers started together on a fresh SQLite store would race to create its tables: one at a time."""
+    uri = tracking_uri(params.tracking)
+    if not uri.startswith("sqlite:///"):
+        connect(params.tracking)
+        return
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        connect(params.tracking)
 
 
 def _join(params: Params, inputs, study) -> dict:
@@ -90,7 +87,7 @@ def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | 
         if any(codes):
             raise RuntimeError(f"a memcontrol worker failed (exit codes {codes}); re-run to resume the study")
         summary = write_outputs(params, study, full) | {"memcontrol/trials_run_here": float(ran)}
-        shutil.rmtree(Path(".lethe/checkpoints") / inputs.study_name, ignore_errors=True)  # nothing left to resume
+        shutil.rmtree(checkpoint_root(inputs), ignore_errors=True)  # nothing left to resume
         mlflow.log_metrics(summary)
         mlflow.log_artifacts(str(REPORT), "memcontrol")
     return summary
