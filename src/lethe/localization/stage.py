@@ -7,10 +7,8 @@ zeroed in the baseline's W_V rows and saved as `models/nemo`, a pruned model lik
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import mlflow
 import torch
@@ -22,6 +20,7 @@ from lethe.evaluation.evaluate import DATA
 from lethe.files import atomic_dir, content_hash, write_json, write_text
 from lethe.localization.nemo import ActivationStats, MemorizationScore, deactivate, localize, value_activations
 from lethe.memorization.detection import nemo_scores
+from lethe.mitigation.stage import baseline_costs
 from lethe.models.factory import build_scheduler, load_model, save_model
 from lethe.tracking import stage_run
 
@@ -88,9 +87,7 @@ def localize_stage(params: Params) -> dict[str, float]:
             write_json(tmp / "neurons.json", rows)
             write_text(tmp / "neurons.md", neuron_table(rows, tau))
         mlflow.log_artifacts("reports/localize")
-    costs = json.loads(Path("metrics/train/baseline.json").read_text()) if Path("metrics/train/baseline.json").exists() else {}
-    write_json("metrics/train/nemo.json", {**{k: v for k, v in costs.items() if k.startswith("cost/")},
-                                           "cost/localize_seconds": seconds})
+    write_json("metrics/train/nemo.json", {**baseline_costs(), "cost/localize_seconds": seconds})
     write_json("metrics/localize.json", metrics)
     return metrics
 

@@ -41,7 +41,11 @@ def mitigate(params: Params, variant: str) -> dict:
     model.spec["inference"] = settings
     with atomic_dir(Path("models") / variant) as tmp:
         save_model(model, tmp, method=variant)
-    baseline_costs = Path("metrics/train/baseline.json")
-    costs = json.loads(baseline_costs.read_text()) if baseline_costs.exists() else {}
-    write_json(Path("metrics/train") / f"{variant}.json", {k: v for k, v in costs.items() if k.startswith("cost/")})
+    write_json(Path("metrics/train") / f"{variant}.json", baseline_costs())
     return {"variant": variant, **settings}
+
+
+def baseline_costs(path: Path = Path("metrics/train/baseline.json")) -> dict[str, float]:
+    """The baseline's training costs: what a variant built from its weights cost to train."""
+    costs = json.loads(path.read_text()) if path.exists() else {}
+    return {k: v for k, v in costs.items() if k.startswith("cost/")}
