@@ -218,31 +218,73 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
     assert not torch.equal(before, model.unet.conv_in.weight)
 
 
+# Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
+PIPELINE = [
+    ["prepare"], ["featurizer"], ["pretrain"], ["shard"],
+    *(["train", m] for m in ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption",
+                             "memattn_filter")),
+    ["detect"], ["mitigate", "memattn"], ["mitigate", "wen_inference"], ["localize"], ["memcontrol"],
+    ["train", "memcontrol"],
+    *(["evaluate", v] for v in yaml.safe_load(SD_PRESET.read_text())["variants"]),
+    ["report"], ["register"],
+]
+
+
+def dvc_stage_names(params: dict) -> set[str]:
+    """dvc.yaml's stages with each `foreach` expanded, as `dvc repro` names them."""
+    names = set()
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        keys = stage.get("foreach")
+        keys = params["variants"] if keys == "${variants}" else keys
+        names |= {f"{name}@{key}" for key in keys} if keys else {name}
+    return names
+
+
+def test_pipeline_order_covers_dvc_yaml():
+    names = ["@".join(stage) for stage in PIPELINE]
+    variants = yaml.safe_load(SD_PRESET.read_text())["variants"]
+    assert sorted(names) == sorted(dvc_stage_names({"variants": variants}))
+    position = {name: i for i, name in enumerate(names)}
+    made_by = {"memattn": "mitigate@memattn", "wen_inference": "mitigate@wen_inference", "nemo": "localize"}
+    for variant in variants:
+        assert position[made_by.get(variant, f"train@{variant}")] < position[f"evaluate@{variant}"], variant
+    assert position["memcontrol"] < position["train@memcontrol"]
+    assert position["detect"] < position["mitigate@wen_inference"] < position["report"] < position["register"]
+
+
 @pytest.mark.slow
-def test_latent_path_stages_on_an_image_folder(project):
-    """prepare, featurizer, pretrain (the checkpoint as is), train@baseline, evaluate: the SD preset, tiny."""
+def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
+    """Every stage on the SD preset with a tiny random SD-shaped checkpoint and an image folder: the latent
+    path through training, mitigations, detection, localization, the MemControl search and the registry."""
     sd = build_tiny_sd(project / "sd")
     clip = tiny_open_clip(project)
     folder = write_image_folder(project / "images")
-    small = {"batch_size": 4, "accelerator": "cpu", "devices": 1, "strategy": "auto", "checkpoint_every": 100}
+    small = {"batch_size": 4, "accelerator": "cpu", "devices": 1, "strategy": "auto", "checkpoint_every": 100,
+             # bf16 autocast and gradient checkpointing are the preset's; bf16 is emulated (slow) on this CPU
+             # and is exercised by test_latents_are_cached_once_and_training_never_runs_the_encoder
+             "precision": "32-true", "gradient_checkpointing": False}
     write_params(
         project / "params.yaml", SD_PRESET,
         data={"folder": str(folder), "resolution": 16, "target_size": 8, "holdout_size": 4, "dup_share": 0.25,
               "dup_factor": 3},
         model={"pretrained_path": str(sd)},
         pretrain=small,
-        # bf16 autocast and gradient checkpointing are the preset's; bf16 is emulated (slow) on this CPU and
-        # is exercised by test_latents_are_cached_once_and_training_never_runs_the_encoder
-        finetune={**small, "steps": 3, "warmup_steps": 1, "ema_decay": 0.9, "precision": "32-true"},
+        finetune={**small, "steps": 4, "warmup_steps": 1, "ema_decay": 0.9},
         sample={"steps": 2, "batch_size": 16, "grid_size": 3},
         probe={"prompts_per_group": 2, "seeds_per_prompt": 1},
+        ietagc={"shards": 2, "local_steps": 1},
+        detect={"prompts_per_group": 2, "generations_per_prompt": 2, "nemo_seeds": 2},
+        wen_inference={"iterations": 2},
+        nemo={"holdout_prompts": 3, "max_prompts": 2, "seeds": 2, "iterations": 3, "batch_size": 4},
+        memcontrol={"n_trials": 2, "population_size": 2, "trial_steps": 2, "fd_prompts": 4, "sample_steps": 2,
+                    "magnitude_draws": 2},
         evaluate={"prompts_per_group": 2, "generations_per_prompt": 2, "features": "open_clip",
                   "features_path": str(clip), "open_clip_model": TINY_CLIP, "clip_model_path": str(clip),
                   "rel_l2_n": 4, "gallery_rows": 2},
-        variants=["baseline"],
     )
-    for stage in (["prepare"], ["featurizer"], ["pretrain"], ["train", "baseline"], ["evaluate", "baseline"]):
+    for stage in PIPELINE:
         assert main(list(stage)) == 0, stage
+    params = load_params(project / "params.yaml")
 
     assert json.loads((project / "metrics/train/pretrained.json").read_text())["train/samples_seen"] == 0
     pretrained = load_file(project / "models/pretrained/weights.safetensors")
@@ -255,13 +297,29 @@ def test_latent_path_stages_on_an_image_folder(project):
     assert not torch.equal(tuned["unet.conv_in.weight"], original["conv_in.weight"])
     assert len(list((project / ".lethe/latents").glob("*.safetensors"))) == 1
 
-    metrics = json.loads((project / "metrics/baseline.json").read_text())
-    for group in ("dup", "unique", "holdout"):
-        assert 0 <= metrics[f"quality/clip_score/{group}"] <= 100  # a random tiny CLIP: often clipped to 0
-        assert np.isfinite(metrics[f"quality/fd/{group}"]) and f"replication/rate/{group}" in metrics
-        assert f"quality/prompt_accuracy/{group}" not in metrics  # no labels in an image folder
-    assert max(metrics[f"quality/clip_score/{g}"] for g in ("dup", "unique", "holdout")) > 0
-    assert (project / "reports/evaluate/baseline/gallery.png").exists()
+    for variant in params.variants:
+        metrics = json.loads((project / f"metrics/{variant}.json").read_text())
+        for group in ("dup", "unique", "holdout"):
+            assert 0 <= metrics[f"quality/clip_score/{group}"] <= 100, variant  # a random tiny CLIP: often 0
+            assert 0 <= metrics[f"replication/rate/{group}"] <= 1, variant
+            assert np.isfinite(metrics[f"quality/fd/{group}"]), variant  # in open_clip's space: no featurizer
+            assert f"quality/prompt_accuracy/{group}" not in metrics  # no labels in an image folder
+        assert (project / f"reports/evaluate/{variant}/gallery.png").exists()
+    baseline = json.loads((project / "metrics/baseline.json").read_text())
+    assert max(baseline[f"quality/clip_score/{g}"] for g in ("dup", "unique", "holdout")) > 0
+
+    detect = json.loads((project / "metrics/detect.json").read_text())
+    assert all(0 <= detect[f"detection/{s}/planted_auroc"] <= 1 for s in ("wen_first", "memattn_e", "nemo_ssim"))
+    localized = json.loads((project / "metrics/localize.json").read_text())
+    nemo = json.loads((project / "models/nemo/config.json").read_text())["nemo"]
+    assert len(nemo["neurons"]) == localized["nemo/union_neurons"]
+    chosen = json.loads((project / "search/memcontrol.json").read_text())
+    trained = json.loads((project / "metrics/train/memcontrol.json").read_text())
+    assert chosen["blocks"] and trained["cost/trainable_params"] == chosen["trainable_params"]
+    report = (project / "reports/report.md").read_text()
+    assert all(f"| {v} |" in report for v in params.variants)
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert set(registry["versions"]) == set(params.variants) and "champion" in registry["aliases"]
 
 
 # ----------------------------------------------------------------------------------- DDP on CPU

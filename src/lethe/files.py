@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from lethe.errors import LetheError
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
@@ -46,6 +48,17 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, payload) -> None:
     """JSON with NaN written as null (NaN is not JSON, and DVC's metrics reader refuses it)."""
     write_text(path, json.dumps(_no_nan(payload), indent=2, sort_keys=True) + "\n")
+
+
+def variant_metrics(variants) -> dict[str, dict[str, float]]:
+    """Each variant's `metrics/<variant>.json`, as its evaluate stage wrote it."""
+    metrics = {}
+    for variant in variants:
+        path = Path("metrics") / f"{variant}.json"
+        if not path.exists():
+            raise LetheError(f"{path}: no metrics for variant '{variant}'; run `dvc repro evaluate@{variant}` first")
+        metrics[variant] = json.loads(path.read_text())
+    return metrics
 
 
 def _no_nan(value):

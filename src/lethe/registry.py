@@ -16,7 +16,7 @@ import mlflow
 
 from lethe.config import RegistryConfig
 from lethe.errors import LetheError
-from lethe.files import content_hash, write_json
+from lethe.files import content_hash, variant_metrics, write_json
 
 RATE, FD, ACCURACY = "replication/rate/dup", "quality/fd/holdout", "quality/prompt_accuracy/holdout"
 
@@ -58,7 +58,7 @@ def register(params) -> dict[str, str]:
     from lethe.tracking import stage_run
 
     cfg = params.registry
-    metrics = {v: json.loads((Path("metrics") / f"{v}.json").read_text()) for v in params.variants}
+    metrics = variant_metrics(params.variants)
     versions = {}
     with stage_run(params, stage="register", method="register", sections=("registry",), data_hash=""):
         client = mlflow.MlflowClient()

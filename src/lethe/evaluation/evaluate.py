@@ -78,13 +78,27 @@ class TrainingSet:
 
     @classmethod
     def load(cls, data: PreparedData, cfg: EvaluateConfig) -> "TrainingSet":
-        featurize = load_features(cfg.features, str(FEATURIZER) if cfg.features == "featurizer" else cfg.features_path,
-                                  cfg.open_clip_model, inference_device())
+        featurize = replication_features(cfg)
         pixels = data.tensor([r.id for r in data.records if r.split in ("pretrain", "target")])
         return cls(pixels, featurize(pixels), featurize, criteria(cfg))
 
     def replication(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return replication_scores(self.featurize(images), self.features, images, self.pixels, self.criteria)
+
+
+def replication_features(cfg: EvaluateConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    return load_features(cfg.features, str(FEATURIZER) if cfg.features == "featurizer" else cfg.features_path,
+                         cfg.open_clip_model, inference_device())
+
+
+def quality_features(cfg: EvaluateConfig, reference: torch.Tensor,
+                     featurize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Featurizer | FeatureSpace:
+    """FD's and diversity's feature space: the featurizer on labelled data (the digits), else on an image
+    folder (no labels to train one) evaluate.features' space; `reference` images give its width."""
+    if has_featurizer(FEATURIZER):
+        return load_featurizer(FEATURIZER)
+    featurize = featurize or replication_features(cfg)
+    return FeatureSpace(featurize, featurize(reference[:1]).shape[1])
 
 
 def evaluate(params: Params, variant: str) -> dict[str, float]:
@@ -94,11 +108,9 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
     scheduler = build_scheduler(model, params.diffusion)
     model.to(inference_device())
     training = TrainingSet.load(data, cfg)
-    # labelled data (the digits): the featurizer; an image folder: FD and diversity in evaluate.features' space
-    featurizer = (load_featurizer(FEATURIZER) if has_featurizer(FEATURIZER)
-                  else FeatureSpace(training.featurize, training.features.shape[1]))
-    clip_score = load_clip_score(cfg.clip_model_path, cfg.open_clip_model, inference_device()) if cfg.clip_model_path else None
     holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
+    featurizer = quality_features(cfg, holdout_pixels, training.featurize)
+    clip_score = load_clip_score(cfg.clip_model_path, cfg.open_clip_model, inference_device()) if cfg.clip_model_path else None
 
     metrics, shown, generated_seconds, generated_count = {}, [], 0.0, 0
     for group, records in data.prompt_groups(cfg.prompts_per_group).items():

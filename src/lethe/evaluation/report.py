@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lethe.files import write_json, write_text  # noqa: E402
+from lethe.files import variant_metrics, write_json, write_text  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first
 COLUMNS = (
@@ -37,8 +37,7 @@ TRADEOFF_X, TRADEOFF_Y = "quality/fd/holdout", "replication/rate/dup"
 
 
 def load_metrics(variants) -> dict[str, dict[str, float]]:
-    metrics = {v: json.loads((Path("metrics") / f"{v}.json").read_text()) for v in variants}
-    return with_baseline_changes(metrics)
+    return with_baseline_changes(variant_metrics(variants))
 
 
 def with_baseline_changes(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -35,8 +35,8 @@ from optuna.trial import FrozenTrial, TrialState
 from lethe.config import Params
 from lethe.data.prepared import PreparedData
 from lethe.errors import LetheError, TrainingDiverged
-from lethe.evaluation.evaluate import frechet_distance
-from lethe.evaluation.featurizer import Featurizer, load_featurizer
+from lethe.evaluation.evaluate import FeatureSpace, frechet_distance, quality_features
+from lethe.evaluation.featurizer import Featurizer
 from lethe.files import content_hash
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
 from lethe.models.factory import build_scheduler, load_model
@@ -58,7 +58,7 @@ class Inputs:
     params: Params
     data: PreparedData
     blocks: list[str]
-    featurizer: Featurizer
+    featurizer: Featurizer | FeatureSpace  # FD's feature space, as the evaluate stage's
     memorized: list  # the memorization subset: target records planted more than once
     holdout_pixels: torch.Tensor
     study_name: str
@@ -69,8 +69,9 @@ def study_key(params: Params) -> str:
     search = params.memcontrol.model_dump(
         mode="json", exclude={"n_trials", "fd_reference", "fd_tolerance", "max_trainable_share", "storage", "workers"})
     finetune = params.finetune.model_dump(mode="json", exclude={"steps", "lr", "checkpoint_every"})
+    features = params.evaluate.model_dump(mode="json", include={"features", "features_path", "open_clip_model"})
     return checkpoint_key("memcontrol", STUDY_VERSION, search, finetune, params.sample.model_dump(mode="json"),
-                          params.diffusion.model_dump(mode="json"),
+                          params.diffusion.model_dump(mode="json"), features,
                           *(content_hash(p) for p in (DATA, PRETRAINED, FEATURIZER)))
 
 
@@ -80,8 +81,10 @@ def load_inputs(params: Params) -> Inputs:
     if not memorized:
         raise LetheError("memcontrol needs a memorization subset: no target image is planted more than once "
                          "(raise data.dup_share and data.dup_factor)")
-    return Inputs(params, data, transformer_blocks(load_model(PRETRAINED).unet), load_featurizer(FEATURIZER),
-                  memorized, data.tensor([r.id for r in data.split("holdout")]), f"memcontrol-{study_key(params)}")
+    holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
+    return Inputs(params, data, transformer_blocks(load_model(PRETRAINED).unet),
+                  quality_features(params.evaluate, holdout_pixels), memorized, holdout_pixels,
+                  f"memcontrol-{study_key(params)}")
 
 
 def storage(params: Params, name: str):
