@@ -195,3 +195,30 @@ def test_ensemble_trains_proxies_on_their_shards_and_merges_them(smoke_params, t
     for a, b in zip(module.proxies[0].parameters(), module.proxies[1].parameters()):
         assert torch.equal(a, b)
     assert merged is module.proxies[0]
+
+
+def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_data, tiny_model):
+    """Losses exactly at the threshold (closeness 1) are all augmented: their shifted copies replace them."""
+    from torch.utils.data import default_collate
+
+    records = tiny_data.training_records("target")[:4]
+    cfg = smoke_params.finetune.model_copy(update={"batch_size": 4})
+    module = ProxyEnsemble(tiny_model, build_scheduler(tiny_model, smoke_params.diffusion), cfg,
+                           assignment=assign_shards(4, 1, seed=0), local_steps=2, agc_lambda=2.0, msr_share=0.25,
+                           taa_max_shift=1)
+    module.current_step = 0
+    dataset = CaptionedImages(tiny_data, records, tiny_model.text_encoder.tokenize)
+    batch = default_collate([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    d = module.denoise(batch)
+    keep = torch.tensor([True, False, True, True])
+    module._threshold = 2.0 * d.losses.detach()  # lambda * loss == threshold: closeness 1
+    redrawn = []
+    original = module.denoise
+    module.denoise = lambda b, m=None, t=None: redrawn.append((b, t)) or original(b, m, t)
+    loss = module.kept_loss(d, keep, batch, tiny_model)
+    ((shifted, t),) = redrawn
+    assert torch.equal(t, d.t[keep]) and torch.equal(shifted["ids"], batch["ids"][keep])  # the kept rows only
+    assert shifted["images"].shape == (3, *batch["images"].shape[1:])
+    assert not torch.equal(shifted["images"], batch["images"][keep])  # shifted by one pixel
+    assert loss.ndim == 0 and torch.isfinite(loss)

@@ -114,7 +114,7 @@ class ProxyEnsemble(DiffusionTraining):
         closeness = agc.closeness(losses, self._threshold[keep])
         augment = torch.rand(len(losses), device=losses.device) < closeness.mean()  # batch strength
         if augment.any():
-            rows = torch.flatnonzero(keep)[augment]
+            rows = keep.nonzero().flatten()[augment]
             shifts = torch.ceil(closeness[augment] * self.taa_max_shift).long().cpu()
             key = "latents" if "latents" in batch else "images"  # latent path: cached latents are shifted
             shifted = {key: shift_images(batch[key][rows], shifts), "ids": batch["ids"][rows]}
