@@ -122,6 +122,22 @@ def test_bad_search_params_fail_with_the_key(tmp_path):
         assert result.returncode == 2 and key in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_stale_journal_lock_from_a_killed_worker_is_taken_over(smoke_params, project, monkeypatch):
+    """A worker killed inside the lock leaves its symlink behind; the next process must age it out.
+    With a relative journal path the symlink dangled, its age could not be read, and resuming hung."""
+    from lethe.search import memcontrol
+
+    monkeypatch.setattr(memcontrol, "LOCK_GRACE_SECONDS", 1)
+    memcontrol.storage(smoke_params, "stale")  # creates the study directory
+    journal = (project / "search/studies/stale.journal").resolve()
+    journal.touch()
+    os.symlink(journal, f"{journal}.lock")  # what optuna's lock is, held by a process that is gone
+    started = time.monotonic()
+    study = optuna.create_study(study_name="stale", storage=memcontrol.storage(smoke_params, "stale"))
+    assert study.study_name == "stale" and time.monotonic() - started < 30
+    assert not os.path.lexists(f"{journal}.lock")
+
+
 # ---- the study itself: real journal storage, real MLflow store, real training, real processes ----
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import mlflow
 import optuna
 import torch
 from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from lethe.config import Params
@@ -47,6 +47,7 @@ from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainabl
 
 DATA, PRETRAINED, FEATURIZER = Path("data/prepared"), Path("models/pretrained"), Path("models/featurizer")
 STUDIES, CHOSEN = Path("search/studies"), Path("search/memcontrol.json")
+LOCK_GRACE_SECONDS = 30  # a journal lock left by a killed worker is taken over after this long
 STUDY_VERSION = 1  # part of the study key: raise it when a change to the objectives makes old trials stale
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -93,7 +94,10 @@ def storage(params: Params, name: str):
         return RDBStorage(params.memcontrol.storage, heartbeat_interval=60, grace_period=180,
                           failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
     STUDIES.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(STUDIES / f"{name}.journal")))
+    # Absolute path: optuna's lock is a symlink to the journal, and a relative target dangles, so
+    # the stale lock of a killed worker could never be aged out and the next process spun forever.
+    journal = str((STUDIES / f"{name}.journal").resolve())
+    return JournalStorage(JournalFileBackend(journal, JournalFileSymlinkLock(journal, LOCK_GRACE_SECONDS)))
 
 
 def open_study(inputs: Inputs, worker: int) -> optuna.Study:
