@@ -10,7 +10,7 @@ import pytest
 
 # Two xdist workers share the 2 cores: one thread each, in this process and in every process it starts
 # (dvc's stages, DDP ranks, mlflow server). Two-thread OpenMP pools spinning beside a busy worker
-# made the end-to-end repro 5x slower (1048 s instead of about 200 s). Alone, both cores.
+# made the end-to-end repro twice as slow (1048 s instead of 471 s). Alone, both cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
