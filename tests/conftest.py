@@ -11,7 +11,8 @@ import pytest
 # Two xdist workers share the 2 cores: one thread each, in this process and in every process it starts
 # (dvc's stages, DDP ranks, mlflow server). Two-thread OpenMP pools spinning beside a busy worker
 # made the end-to-end repro twice as slow (1048 s instead of 471 s). Alone, both cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if UNDER_XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
@@ -20,7 +21,7 @@ import torch  # noqa: E402  (after the thread settings above)
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "pipelines" / "smoke" / "params.yaml"
 
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(1 if UNDER_XDIST else 2)
 
 
 def pytest_collection_modifyitems(items):

@@ -128,8 +128,8 @@ def test_a_stale_journal_lock_from_a_killed_worker_is_taken_over(smoke_params, p
     from lethe.search import memcontrol
 
     monkeypatch.setattr(memcontrol, "LOCK_GRACE_SECONDS", 1)
-    memcontrol.storage(smoke_params, "stale")  # creates the study directory
-    journal = (project / "search/studies/stale.journal").resolve()
+    journal = (project / memcontrol.STUDIES / "stale.journal").resolve()
+    journal.parent.mkdir(parents=True)
     journal.touch()
     os.symlink(journal, f"{journal}.lock")  # what optuna's lock is, held by a process that is gone
     started = time.monotonic()
