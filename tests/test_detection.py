@@ -80,7 +80,20 @@ def test_entropy_filter_skips_outliers_and_learns_from_every_sample():
     assert f(torch.tensor([1.0, 1.2, 0.8, 1.0])).all()  # the first batch only sets the statistics
     keep = f(torch.tensor([1.0, 1.1, 3.0]))
     assert keep.tolist() == [True, True, False]
-    assert f.stats[1].item() > 1.0  # the skipped outlier still moved the running mean
+    assert f.stats[0, 1].item() > 1.0  # the skipped outlier still moved the running mean
+
+
+def test_entropy_filter_judges_each_timestep_range_apart_and_ignores_dropped_captions():
+    f = EntropyFilter(z=2.0, momentum=0.5, num_timesteps=1000, bins=2)
+    t = torch.tensor([100, 100, 100, 900, 900, 900])
+    f(torch.tensor([3.0, 3.1, 2.9, 1.0, 1.1, 0.9]), t)  # early steps attend more broadly than late ones
+    # 2.0 is usual at t=900's range but far below t=100's; one threshold over both would skip neither
+    keep = f(torch.tensor([3.0, 2.0, 2.0, 1.0]), torch.tensor([100, 100, 900, 900]))
+    assert keep.tolist() == [True, True, False, True]
+    before = f.stats.clone()
+    judged = torch.tensor([False, False])
+    assert f(torch.tensor([9.0, 9.0]), torch.tensor([100, 900]), judged).all()  # empty prompts: kept ...
+    assert torch.equal(f.stats, before)  # ... and not folded into the statistics
 
 
 def test_memattn_filter_trains_and_logs_skips(smoke_params, tiny_data, tiny_model, tmp_path):
@@ -89,4 +102,5 @@ def test_memattn_filter_trains_and_logs_skips(smoke_params, tiny_data, tiny_mode
     module = MemAttnFilteredTraining(tiny_model, scheduler, cfg, layer=0, z=0.5, momentum=0.5)
     dataset = CaptionedImages(tiny_data, tiny_data.training_records("target"), tiny_model.text_encoder.tokenize)
     fit(module, dataset, cfg, tmp_path / "ckpt")
-    assert module.filter.stats[0] == 1.0 and module.filter.stats[2] > 0
+    started = module.filter.stats[:, 0] == 1.0
+    assert started.any() and (module.filter.stats[started, 2] > 0).all()

@@ -88,10 +88,11 @@ def test_magnitude_at_random_timesteps(smoke_params, tiny_data, tiny_model):
     assert torch.allclose(empty, torch.zeros_like(empty), atol=1e-5)  # no text, no text-conditional part
 
 
-def _trial(number, memorization, fd, share):
+def _trial(number, memorization, fd, share, accuracy=None):
+    attrs = {"cost/trainable_share": share, "cost/trainable_params": 10.0, "blocks": ["mid_block.attentions.0"]}
     trial = optuna.trial.create_trial(
         values=[memorization, fd], params={"lr": 1e-4}, distributions={"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)},
-        user_attrs={"cost/trainable_share": share, "cost/trainable_params": 10.0, "blocks": ["mid_block.attentions.0"]})
+        user_attrs=attrs if accuracy is None else attrs | {"prompt_accuracy": accuracy})
     trial.number = number
     return trial
 
@@ -107,6 +108,18 @@ def test_policy_lowest_memorization_within_fd_tolerance(smoke_params):
     assert choose(trials, None, cfg.model_copy(update={"fd_reference": "best", "fd_tolerance": 0.2}))[0].number == 2
     with pytest.raises(LetheError):
         choose([], None, cfg)
+
+
+def test_policy_passes_over_a_mask_that_leaves_the_model_ignoring_prompts(smoke_params):
+    """A mask that barely trains keeps a prompt-blind base model blind: its memorization is trivially low."""
+    from lethe.search.memcontrol import choose
+
+    trials = [_trial(0, 0.1, 10.0, 0.01, accuracy=0.10), _trial(1, 0.4, 10.2, 0.01, accuracy=0.93)]
+    cfg = smoke_params.memcontrol.model_copy(update={"fd_tolerance": 0.1, "accuracy_tolerance": 0.05})
+    full = {"fd": 10.0, "prompt_accuracy": 0.95}
+    assert choose(trials, full, cfg)[0].number == 1
+    assert choose(trials, full, cfg.model_copy(update={"accuracy_tolerance": 1.0}))[0].number == 0
+    assert choose(trials, {"fd": 10.0}, cfg)[0].number == 0  # accuracy not measured (an image folder)
 
 
 def test_bad_search_params_fail_with_the_key(tmp_path):

@@ -88,3 +88,12 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
 
 def test_featurizer_reports_its_feature_size():
     assert Featurizer(1, 10, 24).num_features == 24
+
+
+def test_every_evaluation_generation_has_its_own_seed():
+    from lethe.evaluation.evaluate import generation_plan
+
+    prompts, seeds = generation_plan(["a one", "a two", "a three"], 4)
+    assert prompts == ["a one"] * 4 + ["a two"] * 4 + ["a three"] * 4
+    assert len(set(seeds)) == 12  # shared seeds made a prompt-blind model's FD 150 instead of 26
+    assert generation_plan(["a one", "a two"], 4)[1] == seeds[:8]  # a prompt keeps its seeds as the group grows

@@ -173,6 +173,7 @@ class MemAttnFilterConfig(Section):
     layer: int = Field(0, ge=0)  # cross-attention layer whose entropy is read, in forward order
     z: float = Field(2.0, gt=0.0)  # skip when entropy > running mean + z x running std (not published)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    timestep_bins: int = Field(10, ge=1)  # running statistics per range of timesteps (entropy falls with t)
 
 
 class DetectConfig(Section):
@@ -227,6 +228,7 @@ class MemControlConfig(Section):
     sample_steps: int = Field(20, ge=1, le=1000)  # DDIM steps of those generations
     fd_reference: Literal["full", "best"] = "full"  # policy: FD of full fine-tuning, or the best trial's
     fd_tolerance: float = Field(0.1, ge=0.0)  # policy: relative FD rise allowed over the reference
+    accuracy_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # policy: prompt accuracy drop allowed below full fine-tuning's
     max_trainable_share: float = Field(1.0, gt=0.0, le=1.0)  # policy: masks training more are not chosen
     storage: str | None = None  # an RDB URL shared by machines; default: a journal file under search/studies
     workers: int = Field(1, ge=1)  # processes sharing the study on this machine (`--workers` overrides)

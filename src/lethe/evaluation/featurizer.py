@@ -39,6 +39,15 @@ class Featurizer(nn.Module):
         return self.head(F.silu(self.forward(images)))
 
 
+@torch.no_grad()
+def prompt_accuracy(featurizer, images: torch.Tensor, labels: list[int | None]) -> float | None:
+    """The share of generations the featurizer classifies as their prompt's digit; None without labels
+    (an image folder) or without a classifier (another feature space)."""
+    if not isinstance(featurizer, Featurizer) or any(label is None for label in labels):
+        return None
+    return (featurizer.classify(images).argmax(1) == torch.tensor(labels)).float().mean().item()
+
+
 def train_featurizer(images: torch.Tensor, labels: torch.Tensor, feature_dim: int, steps: int, batch_size: int,
                      lr: float, seed: int) -> Featurizer:
     torch.manual_seed(seed)

@@ -9,7 +9,9 @@
    (per image the mean over draws, then the max or mean over images); quality = the Fréchet distance
    of generations from holdout prompts to the holdout images, in the featurizer's feature space.
 4. Policy: among completed trials, the lowest memorization whose FD is within `fd_tolerance` of a
-   reference: full fine-tuning with the same budget, or the best trial.
+   reference (full fine-tuning with the same budget, or the best trial) and whose prompt accuracy
+   (the featurizer's digit agrees with the prompt's) is at most `accuracy_tolerance` below full
+   fine-tuning's: a mask that leaves the model ignoring prompts has trivially low memorization.
 
 The study lives in a storage that several workers share and that a killed run resumes from; its name
 hashes every input of a trial, so a changed search never mixes with stale trials.
@@ -36,7 +38,7 @@ from lethe.config import Params
 from lethe.data.prepared import PreparedData
 from lethe.errors import LetheError, TrainingDiverged
 from lethe.evaluation.evaluate import FeatureSpace, frechet_distance, quality_features
-from lethe.evaluation.featurizer import Featurizer
+from lethe.evaluation.featurizer import Featurizer, prompt_accuracy
 from lethe.files import content_hash
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
 from lethe.models.factory import build_scheduler, load_model
@@ -48,7 +50,7 @@ from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainabl
 DATA, PRETRAINED, FEATURIZER = Path("data/prepared"), Path("models/pretrained"), Path("models/featurizer")
 STUDIES, CHOSEN = Path("search/studies"), Path("search/memcontrol.json")
 LOCK_GRACE_SECONDS = 30  # a journal lock left by a killed worker is taken over after this long
-STUDY_VERSION = 1  # part of the study key: raise it when a change to the objectives makes old trials stale
+STUDY_VERSION = 2  # part of the study key: raise it when a change to the objectives makes old trials stale
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -68,7 +70,8 @@ class Inputs:
 def study_key(params: Params) -> str:
     """A hash of everything a trial's result depends on (not n_trials or the policy: they may change)."""
     search = params.memcontrol.model_dump(
-        mode="json", exclude={"n_trials", "fd_reference", "fd_tolerance", "max_trainable_share", "storage", "workers"})
+        mode="json", exclude={"n_trials", "fd_reference", "fd_tolerance", "accuracy_tolerance", "max_trainable_share",
+                 "storage", "workers"})
     finetune = params.finetune.model_dump(mode="json", exclude={"steps", "lr", "checkpoint_every"})
     features = params.evaluate.model_dump(mode="json", include={"features", "features_path", "open_clip_model"})
     return checkpoint_key("memcontrol", STUDY_VERSION, search, finetune, params.sample.model_dump(mode="json"),
@@ -129,19 +132,23 @@ def fine_tune(inputs: Inputs, mask: Mask | None, lr: float, checkpoints: Path):
 
 
 def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
-    """Memorization (Wen's magnitude on the memorization subset) and quality (FD on holdout prompts)."""
+    """Memorization (Wen's magnitude on the memorization subset) and quality (FD on holdout prompts), and
+    the prompt accuracy of those generations where the featurizer can classify them (the policy reads it)."""
     cfg = inputs.params.memcontrol
     images = inputs.data.tensor([r.id for r in inputs.memorized])
     generator = torch.Generator().manual_seed(cfg.seed)  # every trial scores the same noisy inputs
     per_image = magnitude_at_random_timesteps(model, scheduler, images, [r.caption for r in inputs.memorized],
                                               cfg.magnitude_draws, generator).mean(dim=1)
     memorization = per_image.max() if cfg.memorization == "max" else per_image.mean()
-    prompts = [r.caption for r in inputs.data.split("holdout")[: cfg.fd_prompts]]
+    holdout = inputs.data.split("holdout")[: cfg.fd_prompts]
+    prompts = [r.caption for r in holdout]
     sample = inputs.params.sample.model_copy(update={"steps": cfg.sample_steps})
     generated = generate(model, scheduler, prompts, list(range(len(prompts))), sample)
     with torch.no_grad():
         fd = frechet_distance(inputs.featurizer, inputs.holdout_pixels, generated)
-    return {"memorization": memorization.item(), "fd": fd}
+    values = {"memorization": memorization.item(), "fd": fd}
+    accuracy = prompt_accuracy(inputs.featurizer, generated, [r.label for r in holdout])
+    return values if accuracy is None else values | {"prompt_accuracy": accuracy}
 
 
 def _checkpoints(inputs: Inputs, *parts) -> Path:
@@ -178,6 +185,8 @@ def make_objective(inputs: Inputs, parent_id: str):
             shutil.rmtree(checkpoints, ignore_errors=True)
         for key, value in costs.items():
             trial.set_user_attr(key, value)
+        if "prompt_accuracy" in values:
+            trial.set_user_attr("prompt_accuracy", values["prompt_accuracy"])
         trial.set_user_attr("blocks", list(mask.blocks))
         return values["memorization"], values["fd"]
 
@@ -245,10 +254,14 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def choose(trials: list[FrozenTrial], full: dict | None, cfg) -> tuple[FrozenTrial, str]:
-    """The policy: lowest memorization whose FD is within the tolerance of the reference FD."""
+    """The policy: lowest memorization whose FD is within the tolerance of the reference FD, among the
+    masks small enough and (where accuracy is measured) following prompts nearly as well as full fine-tuning."""
     if not trials:
         raise LetheError("memcontrol: the study has no completed trial to choose from; raise memcontrol.n_trials")
     allowed = [t for t in trials if t.user_attrs["cost/trainable_share"] <= cfg.max_trainable_share] or trials
+    if full and "prompt_accuracy" in full:
+        floor = full["prompt_accuracy"] - cfg.accuracy_tolerance
+        allowed = [t for t in allowed if t.user_attrs.get("prompt_accuracy", floor) >= floor] or allowed
     best_fd = min(t.values[1] for t in trials)
     ref = full["fd"] if cfg.fd_reference == "full" and full else best_fd
     within = [t for t in allowed if t.values[1] <= ref * (1 + cfg.fd_tolerance)]
@@ -262,7 +275,8 @@ def describe(trial: FrozenTrial) -> dict:
     return {"trial": trial.number, "blocks": trial.user_attrs["blocks"], "lr": trial.params["lr"],
             "memorization": trial.values[0], "fd": trial.values[1],
             "trainable_params": trial.user_attrs["cost/trainable_params"],
-            "trainable_share": trial.user_attrs["cost/trainable_share"]}
+            "trainable_share": trial.user_attrs["cost/trainable_share"],
+            "prompt_accuracy": trial.user_attrs.get("prompt_accuracy")}
 
 
 def chosen_training(params: Params, model, scheduler) -> MaskedTraining:

@@ -108,7 +108,8 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dic
         pareto_png(study, chosen, full, tmp / "pareto.png")
         write_json(tmp / "trials.json", rows)
     metrics = {"memcontrol/trials": float(len(trials)), "memcontrol/pareto_size": float(len(front)),
-               **{f"memcontrol/chosen/{k}": float(v) for k, v in describe(chosen).items() if k not in ("blocks", "trial")}}
+               **{f"memcontrol/chosen/{k}": float(v) for k, v in describe(chosen).items()
+                  if k not in ("blocks", "trial") and v is not None}}
     if full:
         metrics |= {f"memcontrol/full/{k}": float(v) for k, v in full.items() if "/" not in k}
     write_json(METRICS, metrics)

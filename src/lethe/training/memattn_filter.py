@@ -4,8 +4,13 @@ A sample the model is starting to memorize pulls cross-attention off the beginni
 trigger tokens, which raises the entropy of the attention over token positions. The forward pass
 already computes those maps: the chosen layer's entropy per sample is read from it (no extra pass),
 and a sample is skipped when its entropy is above the running mean plus z running standard
-deviations. The threshold is not published; z is a param. Every sample updates the running
-statistics, kept or not, and nothing is skipped before the first batch has set them.
+deviations of its timestep range. The threshold is not published; z is a param.
+
+- Entropy falls steadily with the noise level, more than any prompt moves it, so the statistics are
+  kept per range of timesteps (`timestep_bins`), as Wen's filter keeps its bank per timestep.
+- Rows whose caption was dropped (classifier-free guidance) attend over an empty prompt: they are
+  neither judged nor folded into the statistics, which they would otherwise inflate.
+- Every judged sample updates its range's statistics, kept or not; a range's first batch only sets them.
 """
 
 from __future__ import annotations
@@ -18,34 +23,43 @@ from lethe.training.module import DiffusionTraining
 
 
 class EntropyFilter(nn.Module):
-    """Running mean and variance of the entropy as buffers, so a resumed run keeps them."""
+    """Running mean and variance of the entropy per timestep range, as buffers so a resumed run keeps them."""
 
-    def __init__(self, z: float, momentum: float):
+    def __init__(self, z: float, momentum: float, num_timesteps: int = 1000, bins: int = 1):
         super().__init__()
         self.z, self.momentum = z, momentum
-        self.register_buffer("stats", torch.zeros(3))  # started (0/1), mean, variance
+        self.bin_width = -(-num_timesteps // bins)
+        self.register_buffer("stats", torch.zeros(bins, 3))  # per range: started (0/1), mean, variance
 
     @torch.no_grad()
-    def forward(self, entropies: torch.Tensor) -> torch.Tensor:
-        """Which samples to keep; then fold every sample into the running mean and variance."""
+    def forward(self, entropies: torch.Tensor, t: torch.Tensor | None = None,
+                judged: torch.Tensor | None = None) -> torch.Tensor:
+        """Which samples to keep; then fold the judged ones into their range's running mean and variance."""
         h = entropies.detach().float().to(self.stats.device)
-        started, mean, var = self.stats
-        if not started:
-            self.stats.copy_(torch.stack([torch.ones(()), h.mean(), h.var(unbiased=False)]))
-            return torch.ones(len(h), dtype=torch.bool, device=h.device)
-        keep = h <= mean + self.z * var.sqrt()
-        m = self.momentum
-        mean = m * mean + (1 - m) * h.mean()
-        var = m * var + (1 - m) * ((h - mean) ** 2).mean()
-        self.stats.copy_(torch.stack([started, mean, var]))
+        t = torch.zeros_like(h, dtype=torch.long) if t is None else t.to(self.stats.device)
+        judged = torch.ones_like(h, dtype=torch.bool) if judged is None else judged.to(self.stats.device)
+        keep = torch.ones_like(h, dtype=torch.bool)
+        bins = (t // self.bin_width).clamp_max(len(self.stats) - 1)
+        for b in bins[judged].unique().tolist():
+            rows = judged & (bins == b)
+            x = h[rows]
+            started, mean, var = self.stats[b]
+            if not started:
+                self.stats[b] = torch.stack([torch.ones(()), x.mean(), x.var(unbiased=False)])
+                continue
+            keep[rows] = x <= mean + self.z * var.sqrt()
+            m = self.momentum
+            mean = m * mean + (1 - m) * x.mean()
+            var = m * var + (1 - m) * ((x - mean) ** 2).mean()
+            self.stats[b] = torch.stack([started, mean, var])
         return keep
 
 
 class MemAttnFilteredTraining(DiffusionTraining):
-    def __init__(self, model, noise_scheduler, cfg, layer: int, z: float, momentum: float):
+    def __init__(self, model, noise_scheduler, cfg, layer: int, z: float, momentum: float, timestep_bins: int = 10):
         super().__init__(model, noise_scheduler, cfg)
         self.layer = layer
-        self.filter = EntropyFilter(z, momentum)
+        self.filter = EntropyFilter(z, momentum, noise_scheduler.config.num_train_timesteps, timestep_bins)
 
     def denoise(self, batch, model=None, t=None):
         control = attention_control(model or self.model)
@@ -57,4 +71,4 @@ class MemAttnFilteredTraining(DiffusionTraining):
         return d
 
     def select(self, d, batch, model):
-        return self.filter(d.entropy).to(d.losses.device)
+        return self.filter(d.entropy, d.t, ~d.dropped).to(d.losses.device)

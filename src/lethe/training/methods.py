@@ -57,7 +57,7 @@ def training_module(params: Params, method: str, model: DiffusionModel, schedule
         return WenFilteredTraining(model, scheduler, cfg, params.wen_filter.factor, params.wen_filter.momentum)
     if method == "memattn_filter":
         f = params.memattn_filter
-        return MemAttnFilteredTraining(model, scheduler, cfg, f.layer, f.z, f.momentum)
+        return MemAttnFilteredTraining(model, scheduler, cfg, f.layer, f.z, f.momentum, f.timestep_bins)
     if method == "memcontrol":  # the mask and learning rate the `memcontrol` search chose
         from lethe.search.memcontrol import chosen_training
 

@@ -30,6 +30,7 @@ class Denoised:
     noisy: torch.Tensor
     states: torch.Tensor  # the text conditioning used (empty where the caption was dropped)
     prediction: torch.Tensor
+    dropped: torch.Tensor  # rows whose caption was dropped for classifier-free guidance
 
 
 class DiffusionTraining(L.LightningModule):
@@ -63,7 +64,7 @@ class DiffusionTraining(L.LightningModule):
         else:
             target = noise
         losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return Denoised(losses, t, noisy, states, prediction)
+        return Denoised(losses, t, noisy, states, prediction, dropped)
 
     def global_rows(self, n: int) -> tuple[int, slice]:
         """The global batch size and this rank's rows in it, when each of W ranks holds n samples.
