@@ -119,7 +119,13 @@ def test_policy_passes_over_a_mask_that_leaves_the_model_ignoring_prompts(smoke_
     full = {"fd": 10.0, "prompt_accuracy": 0.95}
     assert choose(trials, full, cfg)[0].number == 1
     assert choose(trials, full, cfg.model_copy(update={"accuracy_tolerance": 1.0}))[0].number == 0
-    assert choose(trials, {"fd": 10.0}, cfg)[0].number == 0  # accuracy not measured (an image folder)
+    best = cfg.model_copy(update={"fd_reference": "best"})
+    assert choose(trials, None, best)[0].number == 1  # the floor is then the most accurate trial's
+    blind = [_trial(0, 0.1, 10.0, 0.01, accuracy=0.10), _trial(1, 0.4, 10.2, 0.01, accuracy=0.12)]
+    chosen, reason = choose(blind, full, cfg)
+    assert chosen.number == 0 and "no trial's prompt accuracy" in reason  # said, not silently dropped
+    unmeasured = [_trial(0, 0.1, 10.0, 0.01), _trial(1, 0.4, 10.2, 0.01)]
+    assert choose(unmeasured, {"fd": 10.0}, cfg)[0].number == 0  # an image folder: no labels, no accuracy
 
 
 def test_bad_search_params_fail_with_the_key(tmp_path):

@@ -151,6 +151,16 @@ def test_wen_filter_drops_a_sample_far_above_the_usual_magnitude():
     assert keep.tolist() == [True, False, True]
 
 
+def test_wen_filter_leaves_dropped_captions_out_of_its_bank():
+    """A dropped caption's magnitude is 0; folded in, it would pull the bank down and skip more samples."""
+    wen = WenFilter(num_timesteps=10, factor=1.5, momentum=0.5)
+    wen.bank.values.fill_(1.0)
+    cond, uncond = torch.zeros(2, 4), torch.tensor([[1.0, 0, 0, 0], [0.0, 0, 0, 0]])
+    keep = wen(cond, uncond, torch.tensor([3, 4]), judged=torch.tensor([True, False]))
+    assert keep.tolist() == [True, True]
+    assert wen.bank.values[3] == 1.0 and wen.bank.values[4] == 1.0  # 1.0 folded in at t=3; t=4 untouched
+
+
 def test_random_caption_words_come_from_the_vocabulary():
     noise = RandomCaptionWords(["a red cat", "a blue dog"], words=2, probability=1.0, seed=0)
     out = noise("a red cat").split()

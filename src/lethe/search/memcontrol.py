@@ -255,20 +255,30 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 
 def choose(trials: list[FrozenTrial], full: dict | None, cfg) -> tuple[FrozenTrial, str]:
     """The policy: lowest memorization whose FD is within the tolerance of the reference FD, among the
-    masks small enough and (where accuracy is measured) following prompts nearly as well as full fine-tuning."""
+    masks small enough and (where accuracy is measured) following prompts nearly as well as the
+    reference: full fine-tuning, or with `fd_reference: best` the most accurate trial."""
     if not trials:
         raise LetheError("memcontrol: the study has no completed trial to choose from; raise memcontrol.n_trials")
     allowed = [t for t in trials if t.user_attrs["cost/trainable_share"] <= cfg.max_trainable_share] or trials
-    if full and "prompt_accuracy" in full:
-        floor = full["prompt_accuracy"] - cfg.accuracy_tolerance
-        allowed = [t for t in allowed if t.user_attrs.get("prompt_accuracy", floor) >= floor] or allowed
+    measured = [t.user_attrs["prompt_accuracy"] for t in trials if "prompt_accuracy" in t.user_attrs]
+    ref_accuracy = full["prompt_accuracy"] if full and "prompt_accuracy" in full else max(measured, default=None)
+    caveat = ""
+    if ref_accuracy is not None:
+        floor = ref_accuracy - cfg.accuracy_tolerance
+        following = [t for t in allowed if t.user_attrs.get("prompt_accuracy", floor) >= floor]
+        if following:
+            allowed = following
+        else:
+            caveat = f"; no trial's prompt accuracy within {cfg.accuracy_tolerance} of {ref_accuracy:.2f}"
     best_fd = min(t.values[1] for t in trials)
     ref = full["fd"] if cfg.fd_reference == "full" and full else best_fd
     within = [t for t in allowed if t.values[1] <= ref * (1 + cfg.fd_tolerance)]
     if within:
         return min(within, key=lambda t: (t.values[0], t.values[1])), (
-            f"lowest memorization with FD within {cfg.fd_tolerance:.0%} of the {cfg.fd_reference} reference ({ref:.3f})")
-    return min(allowed, key=lambda t: t.values[1]), f"no trial within {cfg.fd_tolerance:.0%} of {ref:.3f}: lowest FD"
+            f"lowest memorization with FD within {cfg.fd_tolerance:.0%} of the {cfg.fd_reference} reference "
+            f"({ref:.3f}){caveat}")
+    return min(allowed, key=lambda t: t.values[1]), (
+        f"no trial within {cfg.fd_tolerance:.0%} of {ref:.3f}: lowest FD{caveat}")
 
 
 def describe(trial: FrozenTrial) -> dict:

@@ -10,7 +10,10 @@ deviations of its timestep range. The threshold is not published; z is a param.
   kept per range of timesteps (`timestep_bins`), as Wen's filter keeps its bank per timestep.
 - Rows whose caption was dropped (classifier-free guidance) attend over an empty prompt: they are
   neither judged nor folded into the statistics, which they would otherwise inflate.
-- Every judged sample updates its range's statistics, kept or not; a range's first batch only sets them.
+- Every judged sample updates its range's statistics, kept or not; a range judges nothing until it
+  has seen `warmup` samples, since a mean and variance from one or two rows would skip at random.
+- Under DDP every rank judges the whole global batch (gathered), so the statistics, and which samples
+  are skipped, do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from lethe.training.module import DiffusionTraining
 class EntropyFilter(nn.Module):
     """Running mean and variance of the entropy per timestep range, as buffers so a resumed run keeps them."""
 
-    def __init__(self, z: float, momentum: float, num_timesteps: int = 1000, bins: int = 1):
+    def __init__(self, z: float, momentum: float, num_timesteps: int = 1000, bins: int = 1, warmup: int = 8):
         super().__init__()
-        self.z, self.momentum = z, momentum
+        self.z, self.momentum, self.warmup = z, momentum, warmup
         self.bin_width = -(-num_timesteps // bins)
-        self.register_buffer("stats", torch.zeros(bins, 3))  # per range: started (0/1), mean, variance
+        self.register_buffer("stats", torch.zeros(bins, 3))  # per range: samples seen, mean, variance
 
     @torch.no_grad()
     def forward(self, entropies: torch.Tensor, t: torch.Tensor | None = None,
@@ -43,15 +46,18 @@ class EntropyFilter(nn.Module):
         for b in bins[judged].unique().tolist():
             rows = judged & (bins == b)
             x = h[rows]
-            started, mean, var = self.stats[b]
-            if not started:
-                self.stats[b] = torch.stack([torch.ones(()), x.mean(), x.var(unbiased=False)])
+            seen, mean, var = self.stats[b].tolist()
+            if seen < self.warmup:  # pool the first samples exactly: plain mean and variance
+                total = seen + len(x)
+                new_mean = (seen * mean + x.sum().item()) / total
+                var = (seen * (var + (mean - new_mean) ** 2) + ((x - new_mean) ** 2).sum().item()) / total
+                self.stats[b] = torch.tensor([total, new_mean, var])
                 continue
-            keep[rows] = x <= mean + self.z * var.sqrt()
+            keep[rows] = x <= mean + self.z * var**0.5
             m = self.momentum
-            mean = m * mean + (1 - m) * x.mean()
-            var = m * var + (1 - m) * ((x - mean) ** 2).mean()
-            self.stats[b] = torch.stack([started, mean, var])
+            mean = m * mean + (1 - m) * x.mean().item()
+            var = m * var + (1 - m) * ((x - mean) ** 2).mean().item()
+            self.stats[b] = torch.tensor([seen + len(x), mean, var])
         return keep
 
 
@@ -71,4 +77,9 @@ class MemAttnFilteredTraining(DiffusionTraining):
         return d
 
     def select(self, d, batch, model):
-        return self.filter(d.entropy, d.t, ~d.dropped).to(d.losses.device)
+        entropies, t, judged = d.entropy, d.t, ~d.dropped
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            entropies, t, judged = (self.all_gather(x).flatten(0, 1) for x in (entropies, t, judged.int()))
+            return self.filter(entropies, t, judged.bool())[self.global_rows(len(d.t))[1]].to(d.losses.device)
+        return self.filter(entropies, t, judged).to(d.losses.device)

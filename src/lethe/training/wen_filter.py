@@ -23,11 +23,15 @@ class WenFilter(nn.Module):
         self.bank = TimestepBank(num_timesteps, momentum)
 
     @torch.no_grad()
-    def forward(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, t: torch.Tensor,
+                judged: torch.Tensor | None = None) -> torch.Tensor:
+        """Which samples to keep; `judged` False (a dropped caption: no text, magnitude 0) keeps a row
+        and leaves it out of the bank, which it would drag toward 0 and so make the filter skip more."""
         magnitude = noise_magnitude(eps_cond, eps_uncond)
+        judged = torch.ones_like(magnitude, dtype=torch.bool) if judged is None else judged.to(magnitude.device)
         usual = self.bank[t].clone()
-        keep = (usual == 0) | (magnitude <= self.factor * usual)  # an empty bank entry keeps the sample
-        self.bank.update(t, magnitude)
+        keep = ~judged | (usual == 0) | (magnitude <= self.factor * usual)  # an empty bank entry keeps the sample
+        self.bank.update(t[judged], magnitude[judged])
         return keep
 
 
@@ -39,4 +43,4 @@ class WenFilteredTraining(DiffusionTraining):
         self.filter = WenFilter(noise_scheduler.config.num_train_timesteps, factor, momentum)
 
     def select(self, d: Denoised, batch: dict, model) -> torch.Tensor:
-        return self.filter(d.prediction, self.unconditional_prediction(d, model), d.t)
+        return self.filter(d.prediction, self.unconditional_prediction(d, model), d.t, ~d.dropped)
