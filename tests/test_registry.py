@@ -27,6 +27,12 @@ def test_champion_is_lowest_rate_within_tolerance():
     assert choose_champion({"baseline": BASE}, "baseline", CFG) == "baseline"
 
 
+def test_a_tie_in_replication_goes_to_the_lower_fd():
+    metrics = {"baseline": BASE, "first": {RATE: 0.0625, FD: 10.5, ACCURACY: 0.9},
+               "sharper": {RATE: 0.0625, FD: 8.0, ACCURACY: 0.9}}
+    assert choose_champion(metrics, "baseline", CFG) == "sharper"  # was the first listed
+
+
 @pytest.fixture
 def registry(project):
     """A real SQLite registry with a baseline version and a worse-quality candidate."""

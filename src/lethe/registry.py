@@ -2,7 +2,8 @@
 
 Policy for `champion`: among the registered variants, the lowest dup-prompt replication rate whose
 quality stays within params' tolerances of the baseline (FD on holdout prompts may rise by at most
-`fd_tolerance`, relative; prompt accuracy may fall by at most `accuracy_tolerance`, absolute). A
+`fd_tolerance`, relative; prompt accuracy may fall by at most `accuracy_tolerance`, absolute); a tie in
+the rate goes to the lower FD. A
 version whose model files are already registered is reused, not registered twice.
 """
 
@@ -33,7 +34,9 @@ def policy_failure(candidate: dict[str, float], baseline: dict[str, float], cfg:
 
 def choose_champion(metrics: dict[str, dict[str, float]], baseline: str, cfg: RegistryConfig) -> str:
     allowed = [v for v, m in metrics.items() if policy_failure(m, metrics[baseline], cfg) is None]
-    return min(allowed, key=lambda v: (metrics[v].get(RATE, float("inf")), v != baseline))
+    # ties in the rate (it counts copies among a few dozen generations) go to the lower FD
+    return min(allowed, key=lambda v: (metrics[v].get(RATE, float("inf")), v != baseline,
+                                       metrics[v].get(FD, float("inf"))))
 
 
 def version_metrics(version) -> dict[str, float]:
