@@ -232,3 +232,21 @@ def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_da
     assert shifted["images"].shape == (3, *batch["images"].shape[1:])
     assert not torch.equal(shifted["images"], batch["images"][keep])  # shifted by one pixel
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params, tmp_path, monkeypatch):
+    import json
+
+    from lethe.errors import LetheError
+    from lethe.mitigation.stage import inference_settings
+
+    monkeypatch.chdir(tmp_path)
+    params = smoke_params.model_copy(update={"wen_inference": smoke_params.wen_inference.model_copy(
+        update={"target": None, "target_fraction": 0.5})})
+    with pytest.raises(LetheError, match="metrics/detect.json"):
+        inference_settings(params, "wen_inference")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/detect.json").write_text(json.dumps({"detection/wen_first/mean/holdout": 0.2}))
+    assert inference_settings(params, "wen_inference")["wen"]["target"] == pytest.approx(0.1)
+    fixed = params.model_copy(update={"wen_inference": params.wen_inference.model_copy(update={"target": 0.3})})
+    assert inference_settings(fixed, "wen_inference")["wen"]["target"] == 0.3  # an explicit target is used as is

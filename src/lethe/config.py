@@ -198,7 +198,8 @@ class WenInferenceConfig(Section):
 
     lr: float = Field(0.05, gt=0.0)
     iterations: int = Field(10, ge=1)
-    target: float | None = Field(None, gt=0.0)  # stop below this magnitude; null: holdout prompts' mean from detect
+    target: float | None = Field(None, gt=0.0)  # stop below this magnitude; null: holdout prompts' mean from detect ...
+    target_fraction: float = Field(1.0, gt=0.0, le=1.0)  # ... times this (below 1: push memorized prompts further)
 
 
 class NemoConfig(Section):

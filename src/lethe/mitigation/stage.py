@@ -23,7 +23,7 @@ def inference_settings(params: Params, variant: str) -> dict:
         return {"memattn": params.memattn.model_dump(mode="json")}
     if variant == "wen_inference":
         cfg = params.wen_inference
-        target = cfg.target if cfg.target is not None else holdout_magnitude()
+        target = cfg.target if cfg.target is not None else cfg.target_fraction * holdout_magnitude()
         return {"wen": {"lr": cfg.lr, "iterations": cfg.iterations, "target": target}}
     raise LetheError(f"mitigate: unknown inference-time variant '{variant}' (memattn, wen_inference)")
 
