@@ -38,26 +38,29 @@ class EntropyFilter(nn.Module):
     def forward(self, entropies: torch.Tensor, t: torch.Tensor | None = None,
                 judged: torch.Tensor | None = None) -> torch.Tensor:
         """Which samples to keep; then fold the judged ones into their range's running mean and variance."""
-        h = entropies.detach().float().to(self.stats.device)
-        t = torch.zeros_like(h, dtype=torch.long) if t is None else t.to(self.stats.device)
-        judged = torch.ones_like(h, dtype=torch.bool) if judged is None else judged.to(self.stats.device)
-        keep = torch.ones_like(h, dtype=torch.bool)
-        bins = (t // self.bin_width).clamp_max(len(self.stats) - 1)
+        # on the CPU: one copy each way per step, not a device sync per timestep range
+        h = entropies.detach().float().cpu()
+        t = torch.zeros(len(h), dtype=torch.long) if t is None else t.cpu()
+        judged = torch.ones(len(h), dtype=torch.bool) if judged is None else judged.cpu()
+        keep = torch.ones(len(h), dtype=torch.bool)
+        stats = self.stats.cpu()
+        bins = (t // self.bin_width).clamp_max(len(stats) - 1)
         for b in bins[judged].unique().tolist():
             rows = judged & (bins == b)
             x = h[rows]
-            seen, mean, var = self.stats[b].tolist()
+            seen, mean, var = stats[b].tolist()
             if seen < self.warmup:  # pool the first samples exactly: plain mean and variance
                 total = seen + len(x)
                 new_mean = (seen * mean + x.sum().item()) / total
                 var = (seen * (var + (mean - new_mean) ** 2) + ((x - new_mean) ** 2).sum().item()) / total
-                self.stats[b] = torch.tensor([total, new_mean, var])
+                stats[b] = torch.tensor([total, new_mean, var])
                 continue
             keep[rows] = x <= mean + self.z * var**0.5
             m = self.momentum
             mean = m * mean + (1 - m) * x.mean().item()
             var = m * var + (1 - m) * ((x - mean) ** 2).mean().item()
-            self.stats[b] = torch.tensor([seen + len(x), mean, var])
+            stats[b] = torch.tensor([seen + len(x), mean, var])
+        self.stats.copy_(stats)
         return keep
 
 
