@@ -22,8 +22,7 @@ def _prepare(params, args) -> None:
 
 def _shard(params, args) -> None:
     from lethe.data.prepared import PreparedData
-    from lethe.data.shards import assign_shards, save_shards
-    from lethe.training.methods import SHARDS
+    from lethe.data.shards import SHARDS, assign_shards, save_shards
 
     samples = len(PreparedData.load("data/prepared").training_records("target"))
     assignment = assign_shards(samples, params.ietagc.shards, params.ietagc.seed)

@@ -10,6 +10,8 @@ import numpy as np
 from lethe.errors import LetheError
 from lethe.files import write_json
 
+SHARDS = Path("data/shards.json")  # the shard stage's output
+
 
 def assign_shards(samples: int, shards: int, seed: int) -> np.ndarray:
     """A random balanced assignment: shard sizes differ by at most one."""

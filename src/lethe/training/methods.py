@@ -7,19 +7,16 @@ then take fewer per-sample gradients, which is how they work).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from lethe.config import Params
-from lethe.data.shards import load_shards
+from lethe.data.shards import SHARDS, load_shards
 from lethe.models.factory import DiffusionModel, add_raunet
 from lethe.training.ensemble import ProxyEnsemble
 from lethe.training.memattn_filter import MemAttnFilteredTraining
 from lethe.training.module import DiffusionTraining
 from lethe.training.wen_filter import WenFilteredTraining
 
-SHARDS = Path("data/shards.json")
 
 # the params sections each method reads (logged to its MLflow run; the stage's DVC params)
 SECTIONS = {
