@@ -1,6 +1,7 @@
 """The rules of the training-time mitigations, pinned on hand-made cases."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from lethe.config import LoyalConfig
 from lethe.data.shards import assign_shards
+from lethe.errors import LetheError
+from lethe.mitigation.stage import inference_settings
 from lethe.models.factory import add_raunet, build_scheduler, load_model, save_model
 from lethe.models.raunet import RAUNet, TimestepRouter, skip_channels
 from lethe.training.agc import AntiGradientControl
@@ -235,11 +238,6 @@ def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_da
 
 
 def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params, tmp_path, monkeypatch):
-    import json
-
-    from lethe.errors import LetheError
-    from lethe.mitigation.stage import inference_settings
-
     monkeypatch.chdir(tmp_path)
     params = smoke_params.model_copy(update={"wen_inference": smoke_params.wen_inference.model_copy(
         update={"target": None, "target_fraction": 0.5})})
