@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 def main() -> None:
     from lethe.config import load_params
     from lethe.memorization.attention import attention_control
-    from lethe.models.factory import build_model, build_scheduler
+    from lethe.models.diffusion_model import build_model, build_scheduler
     from lethe.models.text import corpus_vocabulary
     from lethe.sampling import SamplingTrace, generate
 

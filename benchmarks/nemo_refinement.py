@@ -20,10 +20,10 @@ import torch
 def main() -> None:
     from lethe.config import load_params
     from lethe.data.prepared import PreparedData
-    from lethe.evaluation.detect import first_step
+    from lethe.sampling import first_step
     from lethe.localization.nemo import MemorizationScore, localize, value_activations
-    from lethe.localization.stage import calibrate, encode
-    from lethe.models.factory import build_scheduler, load_model
+    from lethe.localization.nemo import calibrate, encode
+    from lethe.models.diffusion_model import build_scheduler, load_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/baseline")

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lethe.config import Params
 from lethe.data.sources import prepare
-from lethe.models.factory import build_model, build_scheduler
+from lethe.models.diffusion_model import build_model, build_scheduler
 from lethe.models.text import corpus_vocabulary
 from lethe.training.fit import CaptionedImages, fit, training_loader
 from lethe.training.module import DiffusionTraining

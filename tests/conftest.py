@@ -56,7 +56,7 @@ def tiny_data(smoke_params):
 
 @pytest.fixture
 def tiny_model(smoke_params, tiny_data):
-    from lethe.models.factory import build_model
+    from lethe.models.diffusion_model import build_model
     from lethe.models.text import corpus_vocabulary
 
     torch.manual_seed(0)

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 
 from lethe.localization.nemo import deactivate, first_passing, initial_candidates, refine, value_layers
 from lethe.memorization.attention import attention_control, cross_attention_layers, entropy
-from lethe.memorization.detection import detection_quality, max_cross_seed_ssim
-from lethe.mitigation.memattn import through_first_end
+from lethe.memorization.detectors import detection_quality, max_cross_seed_ssim
+from lethe.inference.memattn import through_first_end
 
 
 def test_entropy_of_a_uniform_distribution_is_ln_n():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lethe.config import SampleConfig
-from lethe.evaluation.detect import first_step
-from lethe.memorization.detection import memattn_scores, nemo_scores, wen_scores
-from lethe.models.factory import build_scheduler, load_model, save_model
+from lethe.sampling import first_step
+from lethe.memorization.detectors import memattn_scores, nemo_scores, wen_scores
+from lethe.models.diffusion_model import build_scheduler, load_model, save_model
 from lethe.sampling import SamplingTrace, generate
 from lethe.training.fit import CaptionedImages, fit
 from lethe.training.memattn_filter import EntropyFilter, MemAttnFilteredTraining
@@ -47,20 +47,20 @@ def test_packaged_mitigations_change_generation_and_survive_save_and_load(smoke_
     prompts, seeds, cfg = ["a bold thin handwritten one from a ledger"] * 2, [0, 1], SampleConfig(steps=4)
     plain = generate(tiny_model, scheduler, prompts, seeds, cfg)
     for settings in ({"memattn": {"begin_scale": 1.5, "mask_padding": True}},
-                     {"wen": {"lr": 0.5, "iterations": 3, "target": 1e-6}}):
-        tiny_model.spec["inference"] = settings
+                     {"wen_inference": {"lr": 0.5, "iterations": 3, "target": 1e-6}}):
+        tiny_model.spec.inference = settings
         save_model(tiny_model, tmp_path / "m")
         loaded = load_model(tmp_path / "m")
-        assert loaded.spec["inference"] == settings
+        assert loaded.spec.inference == settings
         mitigated = generate(loaded, scheduler, prompts, seeds, cfg)
         assert mitigated.shape == plain.shape and not torch.allclose(mitigated, plain, atol=1e-4)
         assert torch.allclose(generate(loaded, scheduler, prompts, seeds, cfg), mitigated, atol=1e-5)  # repeatable
-    del tiny_model.spec["inference"]
+    tiny_model.spec.inference = {}
 
 
 def test_wen_optimisation_lowers_the_magnitude_and_keeps_the_beginning_token(smoke_params, tiny_model):
     from lethe.memorization.noise_magnitude import noise_magnitude
-    from lethe.mitigation.prompt_embedding import optimise_prompt_embedding
+    from lethe.inference.prompt_embedding import optimise_prompt_embedding
 
     unet = tiny_model.unet
     ids = tiny_model.text_encoder.tokenize(["a bold thin handwritten one from a ledger", "a seven"])

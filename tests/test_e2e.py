@@ -12,10 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, SMOKE
 
-METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption", "memattn_filter",
-           "memcontrol")
-INFERENCE = ("memattn", "wen_inference", "nemo")  # the baseline with an inference-time mitigation
-VARIANTS = METHODS + INFERENCE
+from lethe.methods import INFERENCE, METHODS, MITIGATE, VARIANTS
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +50,8 @@ def reproduced(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
-    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize",
-              "mitigate@memattn", "mitigate@wen_inference", "memcontrol"]
+    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize", "memcontrol",
+              *(f"mitigate@{v}" for v in MITIGATE)]
     stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
     stages += [f"evaluate@{v}" for v in INFERENCE]
     for stage in stages:
@@ -175,7 +172,7 @@ def test_detection_localization_and_inference_mitigations(repo, reproduced):
     nemo = json.loads((repo / "models/nemo/config.json").read_text())
     assert len(nemo["nemo"]["neurons"]) == localized["nemo/union_neurons"]
     assert json.loads((repo / "models/memattn/config.json").read_text())["inference"]["memattn"]["begin_scale"] == 1.25
-    wen = json.loads((repo / "models/wen_inference/config.json").read_text())["inference"]["wen"]
+    wen = json.loads((repo / "models/wen_inference/config.json").read_text())["inference"]["wen_inference"]
     assert wen["target"] == detect["detection/wen_first/mean/holdout"]
     for variant in INFERENCE:
         assert 0.0 <= json.loads((repo / f"metrics/{variant}.json").read_text())["replication/rate/dup"] <= 1.0

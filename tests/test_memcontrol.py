@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from lethe.errors import LetheError
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
-from lethe.models.factory import build_scheduler, load_model, save_model
+from lethe.models.diffusion_model import build_scheduler, load_model, save_model
 from lethe.training.fit import CaptionedImages, fit
 from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainable_count, transformer_blocks
 from tests.conftest import SMOKE
@@ -129,7 +129,6 @@ def test_policy_passes_over_a_mask_that_leaves_the_model_ignoring_prompts(smoke_
 
 
 def test_bad_search_params_fail_with_the_key(tmp_path):
-    from lethe.cli import main
 
     raw = yaml.safe_load(SMOKE.read_text())
     for change, key in (({"lr_min": 0.01, "lr_max": 0.001}, "lr_min"), ({"family": "adapters"}, "memcontrol.family"),

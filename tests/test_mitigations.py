@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from lethe.config import LoyalConfig
 from lethe.data.shards import assign_shards
 from lethe.errors import LetheError
-from lethe.mitigation.stage import inference_settings
-from lethe.models.factory import add_raunet, build_scheduler, load_model, save_model
+from lethe.methods.wen_inference import settings as wen_settings
+from lethe.models.diffusion_model import add_raunet, build_scheduler, load_model, save_model
 from lethe.models.raunet import RAUNet, TimestepRouter, skip_channels
 from lethe.training.agc import AntiGradientControl
 from lethe.training.ensemble import ProxyEnsemble, average_into, redistribute, shift_images
 from lethe.training.fit import CaptionedImages, StepBatches, fit
-from lethe.training.methods import RandomCaptionWords
+from lethe.methods.random_caption import RandomCaptionWords
 from lethe.training.wen_filter import WenFilter
 
 
@@ -126,7 +125,7 @@ def test_router_sends_each_timestep_to_the_right_network():
 
 
 def test_raunet_blocks_are_saved_loaded_and_trained(tiny_model, tmp_path):
-    add_raunet(tiny_model, LoyalConfig(tau=500), tau=500)
+    add_raunet(tiny_model, "conv", (0, 1), tau=500, init="random")
     keys = list(tiny_model.trainable_state_dict())
     assert any(k.startswith("unet.high.unet.up_blocks.0.skip_transfer.0.") for k in keys)
     assert any(k.startswith("unet.low.") for k in keys)
@@ -242,9 +241,9 @@ def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params
     params = smoke_params.model_copy(update={"wen_inference": smoke_params.wen_inference.model_copy(
         update={"target": None, "target_fraction": 0.5})})
     with pytest.raises(LetheError, match="metrics/detect.json"):
-        inference_settings(params, "wen_inference")
+        wen_settings(params)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/detect.json").write_text(json.dumps({"detection/wen_first/mean/holdout": 0.2}))
-    assert inference_settings(params, "wen_inference")["wen"]["target"] == pytest.approx(0.1)
+    assert wen_settings(params)["target"] == pytest.approx(0.1)
     fixed = params.model_copy(update={"wen_inference": params.wen_inference.model_copy(update={"target": 0.3})})
-    assert inference_settings(fixed, "wen_inference")["wen"]["target"] == 0.3  # an explicit target is used as is
+    assert wen_settings(fixed)["target"] == 0.3  # an explicit target is used as is

@@ -1,7 +1,7 @@
 import torch
 
 from lethe.config import ModelConfig, SampleConfig, TrainConfig
-from lethe.models.factory import build_model, build_scheduler, load_model, save_model
+from lethe.models.diffusion_model import build_model, build_scheduler, load_model, save_model
 from lethe.models.text import corpus_vocabulary
 from lethe.sampling import generate
 from lethe.training.module import DiffusionTraining

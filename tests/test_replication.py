@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lethe.errors import LetheError
-from lethe.evaluation.evaluate import diversity, frechet_distance
+from lethe.evaluation.metrics import diversity, frechet_distance
 from lethe.evaluation.featurizer import Featurizer, accuracy, train_featurizer
 from lethe.memorization.features import load_features
 from lethe.memorization.replication import Criteria, replication_scores, summarize
@@ -91,7 +91,7 @@ def test_featurizer_reports_its_feature_size():
 
 
 def test_every_evaluation_generation_has_its_own_seed():
-    from lethe.evaluation.evaluate import generation_plan
+    from lethe.evaluation.metrics import generation_plan
 
     prompts, seeds = generation_plan(["a one", "a two", "a three"], 4)
     assert prompts == ["a one"] * 4 + ["a two"] * 4 + ["a three"] * 4

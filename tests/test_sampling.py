@@ -1,7 +1,7 @@
 import torch
 
 from lethe.config import SampleConfig
-from lethe.models.factory import build_scheduler
+from lethe.models.diffusion_model import build_scheduler
 from lethe.sampling import generate, save_grid
 
 

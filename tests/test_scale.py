@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from lethe.cli import main
 from lethe.config import TrainConfig, load_params
 from lethe.errors import LetheError
+from lethe.methods import INFERENCE, METHODS, MITIGATE, VARIANTS
 from lethe.memorization.features import IMAGENET_MEAN, IMAGENET_STD, _rgb, load_features
 from tests.conftest import ROOT, SMOKE
 from tests.tiny_sd import build_tiny_sd
@@ -181,7 +182,7 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
     from lethe.data.latents import cached_latents
     from lethe.data.sources import prepare
     from lethe.config import DataConfig, ModelConfig
-    from lethe.models.factory import build_model, build_scheduler
+    from lethe.models.diffusion_model import build_model, build_scheduler
     from lethe.training.fit import CaptionedImages, enable_gradient_checkpointing, fit
     from lethe.training.module import DiffusionTraining
 
@@ -221,33 +222,31 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
 # Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
 PIPELINE = [
     ["prepare"], ["featurizer"], ["pretrain"], ["shard"],
-    *(["train", m] for m in ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption",
-                             "memattn_filter")),
-    ["detect"], ["mitigate", "memattn"], ["mitigate", "wen_inference"], ["localize"], ["memcontrol"],
+    *(["train", m] for m in METHODS if m != "memcontrol"),
+    ["detect"], *(["mitigate", v] for v in MITIGATE), ["localize"], ["memcontrol"],
     ["train", "memcontrol"],
-    *(["evaluate", v] for v in yaml.safe_load(SD_PRESET.read_text())["variants"]),
+    *(["evaluate", v] for v in VARIANTS),
     ["report"], ["register"],
 ]
 
 
-def dvc_stage_names(params: dict) -> set[str]:
+def dvc_stage_names() -> set[str]:
     """dvc.yaml's stages with each `foreach` expanded, as `dvc repro` names them."""
     names = set()
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         keys = stage.get("foreach")
-        keys = params["variants"] if keys == "${variants}" else keys
         names |= {f"{name}@{key}" for key in keys} if keys else {name}
     return names
 
 
 def test_pipeline_order_covers_dvc_yaml():
     names = ["@".join(stage) for stage in PIPELINE]
-    variants = yaml.safe_load(SD_PRESET.read_text())["variants"]
-    assert sorted(names) == sorted(dvc_stage_names({"variants": variants}))
+    assert sorted(names) == sorted(dvc_stage_names())
     position = {name: i for i, name in enumerate(names)}
-    made_by = {"memattn": "mitigate@memattn", "wen_inference": "mitigate@wen_inference", "nemo": "localize"}
-    for variant in variants:
-        assert position[made_by.get(variant, f"train@{variant}")] < position[f"evaluate@{variant}"], variant
+    for variant in VARIANTS:
+        made_by = f"train@{variant}" if variant in METHODS else (
+            "localize" if INFERENCE[variant].stage == "localize" else f"mitigate@{variant}")
+        assert position[made_by] < position[f"evaluate@{variant}"], variant
     assert position["memcontrol"] < position["train@memcontrol"]
     assert position["detect"] < position["mitigate@wen_inference"] < position["report"] < position["register"]
 
@@ -284,7 +283,6 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     )
     for stage in PIPELINE:
         assert main(list(stage)) == 0, stage
-    params = load_params(project / "params.yaml")
 
     assert json.loads((project / "metrics/train/pretrained.json").read_text())["train/samples_seen"] == 0
     pretrained = load_file(project / "models/pretrained/weights.safetensors")
@@ -297,7 +295,7 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     assert not torch.equal(tuned["unet.conv_in.weight"], original["conv_in.weight"])
     assert len(list((project / ".lethe/latents").glob("*.safetensors"))) == 1
 
-    for variant in params.variants:
+    for variant in VARIANTS:
         metrics = json.loads((project / f"metrics/{variant}.json").read_text())
         for group in ("dup", "unique", "holdout"):
             assert 0 <= metrics[f"quality/clip_score/{group}"] <= 100, variant  # a random tiny CLIP: often 0
@@ -317,9 +315,9 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     trained = json.loads((project / "metrics/train/memcontrol.json").read_text())
     assert chosen["blocks"] and trained["cost/trainable_params"] == chosen["trainable_params"]
     report = (project / "reports/report.md").read_text()
-    assert all(f"| {v} |" in report for v in params.variants)
+    assert all(f"| {v} |" in report for v in VARIANTS)
     registry = json.loads((project / "reports/registry.json").read_text())
-    assert set(registry["versions"]) == set(params.variants) and "champion" in registry["aliases"]
+    assert set(registry["versions"]) == set(VARIANTS) and "champion" in registry["aliases"]
 
 
 # ----------------------------------------------------------------------------------- DDP on CPU
@@ -342,7 +340,7 @@ def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, monkeypat
     1.5e-3 (median). Hence: at most 1e-4 anywhere, and fewer than 0.1% of the weights off by over 1e-6.
     """
     from lethe.data.prepared import PreparedData
-    from lethe.models.factory import build_model
+    from lethe.models.diffusion_model import build_model
     from lethe.models.text import corpus_vocabulary
 
     for name in ("single", "ddp"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lethe.errors import TrainingDiverged
-from lethe.models.factory import build_scheduler
+from lethe.models.diffusion_model import build_scheduler
 from lethe.training.fit import CaptionedImages, fit
 from lethe.training.module import DiffusionTraining
 

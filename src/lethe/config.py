@@ -1,6 +1,7 @@
 """Typed params: every knob in params.yaml, with ranges, so a typo or an impossible value fails early.
 
-Each section maps to one stage (or one part of the model). Unknown keys are refused with their dotted
+Each section maps to one stage (or one part of the model); a method's own section is declared in its
+module under `lethe.methods`. Unknown keys are refused with their dotted
 name; values out of range are refused with the key, the rule and the value given.
 """
 
@@ -10,20 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
+from lethe import methods
+from lethe.declarations import Section
 from lethe.errors import LetheError
-
-# fine-tuning methods, each a `train@<method>` stage
-METHODS = ("baseline", "loyal", "raunet", "ietagc", "ietagc_plus", "wen_filter", "random_caption", "memattn_filter",
-           "memcontrol")
-# inference-time mitigations of the baseline: `mitigate@memattn`, `mitigate@wen_inference`, and `localize` (nemo)
-INFERENCE_VARIANTS = ("memattn", "wen_inference", "nemo")
-VARIANTS = METHODS + INFERENCE_VARIANTS  # what evaluate, report and register accept
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(Section):
@@ -130,50 +122,16 @@ class ProbeConfig(Section):
     seeds_per_prompt: int = Field(2, ge=1)
 
 
-class LoyalConfig(Section):
-    """LoyalDiffusion: transfer blocks on the skips of the chosen up-block levels (0 = deepest)."""
-
-    block: Literal["conv", "conv_silu", "conv_stack", "pool", "drop"] = "conv"
-    levels: tuple[int, ...] = (0, 1)  # the public configuration: the two deepest levels
-    tau: int = Field(500, ge=1)  # RAU-Net for t >= tau, the standard U-Net below (train@raunet: every t)
-    init: Literal["random", "identity"] = "random"  # identity: the RAU-Net starts as the U-Net
 
 
-class IetConfig(Section):
-    """IET-AGC: K proxies on K shards, anti-gradient control, weighted averaging after each round."""
-
-    shards: int = Field(4, ge=2)
-    local_steps: int = Field(25, ge=1)  # steps each proxy takes per round
-    agc_lambda: float = Field(2.0, gt=0.0)  # keep a sample iff lambda * loss >= bank[t]
-    bank_momentum: float = Field(0.8, ge=0.0, lt=1.0)
-    seed: int = 0
 
 
-class IetPlusConfig(Section):
-    """IET-AGC+ on top of ietagc: memory-sample redistribution and threshold-aware augmentation."""
-
-    msr_share: float = Field(0.25, gt=0.0, le=1.0)  # most-skipped share handed to the next shard
-    taa_max_shift: int = Field(2, ge=0)  # augmentation: translation by up to this many pixels
 
 
-class WenFilterConfig(Section):
-    factor: float = Field(1.5, gt=0.0)  # drop a sample whose noise magnitude > factor x the running one at its t
-    momentum: float = Field(0.8, ge=0.0, lt=1.0)
 
 
-class RandomCaptionConfig(Section):
-    words: int = Field(2, ge=1)  # random caption words added to a caption when it is drawn
-    probability: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int = 0
 
 
-class MemAttnFilterConfig(Section):
-    """MemAttn's training-time filter: skip samples whose cross-attention entropy is abnormally high."""
-
-    layer: int = Field(0, ge=0)  # cross-attention layer whose entropy is read, in forward order
-    z: float = Field(2.0, gt=0.0)  # skip when entropy > running mean + z x running std (not published)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    timestep_bins: int = Field(10, ge=1)  # running statistics per range of timesteps (entropy falls with t)
 
 
 class DetectConfig(Section):
@@ -186,60 +144,12 @@ class DetectConfig(Section):
     memorized_share: float = Field(0.5, gt=0.0, le=1.0)  # measured truth: this share of a prompt's generations replicate
 
 
-class MemAttnConfig(Section):
-    """MemAttn's inference-time mitigation (evaluate@memattn): mask the padding, scale the beginning token."""
-
-    begin_scale: float = Field(1.25, ge=1.0)  # C: the beginning token's logit is multiplied by this
-    mask_padding: bool = True  # mask the tokens after the first end token
 
 
-class WenInferenceConfig(Section):
-    """Wen et al.'s prompt-embedding optimisation at the first step (evaluate@wen_inference)."""
-
-    lr: float = Field(0.05, gt=0.0)
-    iterations: int = Field(10, ge=1)
-    target: float | None = Field(None, gt=0.0)  # stop below this magnitude; null: holdout prompts' mean from detect ...
-    target_fraction: float = Field(1.0, gt=0.0, le=1.0)  # ... times this (below 1: push memorized prompts further)
 
 
-class NemoConfig(Section):
-    """NeMo's neuron localization (the `localize` stage and evaluate@nemo)."""
-
-    holdout_prompts: int = Field(50, ge=3)  # activation statistics and tau_mem come from these
-    max_prompts: int = Field(20, ge=1)  # target prompts scored; those above tau_mem are localized
-    seeds: int = Field(10, ge=2)
-    iterations: int = Field(30, ge=1)  # initial selection: theta and k steps tried at most
-    batch_size: int = Field(32, ge=1)  # candidate neuron sets scored in one forward pass
 
 
-class MemControlConfig(Section):
-    """MemControl (Dutt et al.): an Optuna search over which transformer blocks' PEFT parameters to fine-tune."""
-
-    family: Literal["lora", "attention", "difffit"] = "lora"  # what a 1-bit block trains
-    lora_rank: int = Field(4, ge=1)
-    lora_alpha: float = Field(4.0, gt=0.0)
-    lr_min: float = Field(1e-5, gt=0.0, le=1.0)  # learning rate, log-uniform (published: 1e-5 to 1e-3)
-    lr_max: float = Field(1e-3, gt=0.0, le=1.0)
-    n_trials: int = Field(12, ge=1)  # completed trials the study needs; more resumes the same study
-    population_size: int = Field(4, ge=2)  # NSGA-II's generation size
-    trial_steps: int = Field(100, ge=1)  # inner-loop budget: steps of finetune.batch_size per trial
-    memorization: Literal["max", "mean"] = "max"  # over the memorization subset's images
-    magnitude_draws: int = Field(8, ge=1)  # random timesteps per memorized image
-    fd_prompts: int = Field(100, ge=2)  # holdout prompts generated (one seed each) for the FD objective
-    sample_steps: int = Field(20, ge=1, le=1000)  # DDIM steps of those generations
-    fd_reference: Literal["full", "best"] = "full"  # policy: FD of full fine-tuning, or the best trial's
-    fd_tolerance: float = Field(0.1, ge=0.0)  # policy: relative FD rise allowed over the reference
-    accuracy_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # policy: prompt accuracy drop allowed below full fine-tuning's
-    max_trainable_share: float = Field(1.0, gt=0.0, le=1.0)  # policy: masks training more are not chosen
-    storage: str | None = None  # an RDB URL shared by machines; default: a journal file under search/studies
-    workers: int = Field(1, ge=1)  # processes sharing the study on this machine (`--workers` overrides)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _lr_range(self):
-        if self.lr_min > self.lr_max:
-            raise ValueError(f"memcontrol.lr_min ({self.lr_min}) is above memcontrol.lr_max ({self.lr_max})")
-        return self
 
 
 class FeaturizerConfig(Section):
@@ -278,7 +188,9 @@ class TrackingConfig(Section):
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else SQLite under <repo>/mlruns
 
 
-class Params(Section):
+class StageParams(Section):
+    """The sections every scale shares: data, model, training, sampling and the stages' own."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -286,29 +198,16 @@ class Params(Section):
     finetune: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     probe: ProbeConfig = ProbeConfig()
-    loyal: LoyalConfig = LoyalConfig()
-    ietagc: IetConfig = IetConfig()
-    ietagc_plus: IetPlusConfig = IetPlusConfig()
-    wen_filter: WenFilterConfig = WenFilterConfig()
-    random_caption: RandomCaptionConfig = RandomCaptionConfig()
-    memattn_filter: MemAttnFilterConfig = MemAttnFilterConfig()
     detect: DetectConfig = DetectConfig()
-    memattn: MemAttnConfig = MemAttnConfig()
-    wen_inference: WenInferenceConfig = WenInferenceConfig()
-    nemo: NemoConfig = NemoConfig()
-    memcontrol: MemControlConfig = MemControlConfig()
     featurizer: FeaturizerConfig = FeaturizerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
-    variants: tuple[str, ...] = ("baseline",)  # models evaluated, reported and registered
 
-    @model_validator(mode="after")
-    def _known_variants(self):
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"variants: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
-        return self
+
+# every params.yaml key: the shared sections, plus each method's own section as its declaration gives it
+Params = create_model("Params", __base__=StageParams,
+                      **{name: (schema, schema()) for name, schema in methods.sections().items()})
 
 
 def _describe(error: dict) -> str:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from lethe.errors import LetheError
+from lethe.paths import train_metrics_file, variant_metrics_file
 
 
 @contextlib.contextmanager
@@ -54,11 +55,18 @@ def variant_metrics(variants) -> dict[str, dict[str, float]]:
     """Each variant's `metrics/<variant>.json`, as its evaluate stage wrote it."""
     metrics = {}
     for variant in variants:
-        path = Path("metrics") / f"{variant}.json"
+        path = variant_metrics_file(variant)
         if not path.exists():
             raise LetheError(f"{path}: no metrics for variant '{variant}'; run `dvc repro evaluate@{variant}` first")
         metrics[variant] = json.loads(path.read_text())
     return metrics
+
+
+def baseline_costs() -> dict[str, float]:
+    """The baseline's training costs: what a variant built from its weights cost to train."""
+    path = train_metrics_file("baseline")
+    costs = json.loads(path.read_text()) if path.exists() else {}
+    return {k: v for k, v in costs.items() if k.startswith("cost/")}
 
 
 def _no_nan(value):

@@ -22,7 +22,7 @@ class TextToImage(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lethe.config import DiffusionConfig, SampleConfig
         from lethe.devices import inference_device
-        from lethe.models.factory import build_scheduler, load_model
+        from lethe.models.diffusion_model import build_scheduler, load_model
 
         self.model = load_model(context.artifacts["model"]).to(inference_device())
         self.scheduler = build_scheduler(self.model, DiffusionConfig(**context.model_config["diffusion"]))

@@ -3,9 +3,10 @@
 Each prompt's starting noise comes from its own seed on the CPU, so a (prompt, seed) pair gives the
 same image whatever the batch it lands in and whatever the device.
 
-A model's inference-time mitigations travel in its config (`spec["inference"]`) and are applied
-here, so the packaged model is the mitigated model: `memattn` (attention masking and scaling) and
-`wen` (prompt-embedding optimisation at the first step). A `SamplingTrace` records, for detection,
+A model's inference-time mitigations travel in its config (`spec.inference`) and are applied here,
+where each one's declaration (`lethe.methods`) says it acts: on the text embedding before the loop
+(Wen's prompt-embedding optimisation), or in cross-attention during it (MemAttn's steering). So the
+packaged model is the mitigated model. A `SamplingTrace` records, for detection,
 what guided sampling computes anyway: Wen's noise magnitude and the conditional branch's
 cross-attention maps at every step.
 """
@@ -23,11 +24,10 @@ from torchvision.utils import make_grid
 
 from lethe.config import SampleConfig
 from lethe.data.prepared import to_uint8
+from lethe.diffusion import guide, guided_pass, noise_magnitude
 from lethe.memorization.attention import attention_control
-from lethe.memorization.noise_magnitude import noise_magnitude
-from lethe.mitigation.memattn import memattn_steering
-from lethe.mitigation.prompt_embedding import optimise_prompt_embedding
-from lethe.models.factory import DiffusionModel
+from lethe.methods import inference_mitigation
+from lethe.models.diffusion_model import DiffusionModel
 
 
 @dataclass
@@ -73,6 +73,11 @@ def sampling_scheduler(train_scheduler: SchedulerMixin, steps: int) -> DDIMSched
     return scheduler
 
 
+def first_step(model: DiffusionModel, train_scheduler: SchedulerMixin, steps: int, seeds: int):
+    """The sampler's first timestep and one starting noise per seed (NeMo's inputs)."""
+    return sampling_scheduler(train_scheduler, steps).timesteps[0], initial_noise(model.sample_shape, list(range(seeds)))
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionModel, train_scheduler: SchedulerMixin, prompts: list[str], seeds: list[int], cfg: SampleConfig,
@@ -85,33 +90,33 @@ def generate(
     model.eval()
     device = model.unet.device
     scheduler = sampling_scheduler(train_scheduler, cfg.steps)
-    mitigations = model.spec.get("inference", {})
+    mitigations = [(inference_mitigation(name), settings) for name, settings in model.spec.inference.items()]
+    on_embedding = [(m.on_embedding, s) for m, s in mitigations if m.acts == "embedding"]
+    in_attention = [(m.in_attention, s) for m, s in mitigations if m.acts == "attention"]
     capture = trace is not None and trace.attention
-    control = attention_control(model) if capture or "memattn" in mitigations else None
+    control = attention_control(model) if capture or in_attention else None
     empty = model.encode_text(model.text_encoder.tokenize([""]))
     out = []
     for start in range(0, len(prompts), cfg.batch_size):
         ids = model.text_encoder.tokenize(prompts[start : start + cfg.batch_size])
         cond = model.encode_text(ids)
         x = initial_noise(model.sample_shape, seeds[start : start + cfg.batch_size]).to(device) * scheduler.init_noise_sigma
-        if "wen" in mitigations:
-            t0 = scheduler.timesteps[0]
-            cond = optimise_prompt_embedding(model.unet, t0, scheduler.scale_model_input(x, t0), cond, empty,
-                                             **mitigations["wen"])
-        states = torch.cat([empty.expand_as(cond), cond])
+        t0 = scheduler.timesteps[0]
+        for optimise, settings in on_embedding:
+            cond = optimise(model.unet, t0, scheduler.scale_model_input(x, t0), cond, empty, settings)
         if trace is not None:
             trace.start_batch(ids)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(memattn_steering(control, ids, model.text_encoder.end_token_id, mitigations.get("memattn")))
+            for steer, settings in in_attention:
+                stack.enter_context(steer(control, ids, model.text_encoder.end_token_id, settings))
             if capture:
                 stack.enter_context(control.capturing())
             for t in scheduler.timesteps:
-                x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-                eps_uncond, eps_cond = model.unet(x_in, t, encoder_hidden_states=states).sample.chunk(2)
+                eps_uncond, eps_cond = guided_pass(model.unet, scheduler.scale_model_input(x, t), t, cond,
+                                                   empty.expand_as(cond))
                 if trace is not None:
                     trace.record(eps_cond, eps_uncond, control.captured if capture else {})
-                eps = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
-                x = scheduler.step(eps, t, x).prev_sample
+                x = scheduler.step(guide(eps_uncond, eps_cond, cfg.guidance_scale), t, x).prev_sample
         out.append(model.decode(x).clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from lethe.data.prepared import PreparedData
 from lethe.files import content_hash
-from lethe.models.factory import DiffusionModel
+from lethe.models.diffusion_model import DiffusionModel
 
 CACHE = Path(".lethe/latents")
 
 
 def latents_key(model: DiffusionModel, data_hash: str) -> str:
-    vae_hash = content_hash(Path(model.spec["model"]["pretrained_path"]) / "vae")
+    vae_hash = content_hash(Path(model.spec.model["pretrained_path"]) / "vae")
     return hashlib.sha256(f"{data_hash}:{vae_hash}:mean".encode()).hexdigest()[:20]
 
 

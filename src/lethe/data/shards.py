@@ -1,4 +1,4 @@
-"""The `shard` stage's assignment: each training sample (duplicates expanded) to one of K shards."""
+"""IET-AGC's shard assignment: each training sample (duplicates expanded) to one of K shards."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import numpy as np
 
 from lethe.errors import LetheError
 from lethe.files import write_json
-
-SHARDS = Path("data/shards.json")  # the shard stage's output
 
 
 def assign_shards(samples: int, shards: int, seed: int) -> np.ndarray:

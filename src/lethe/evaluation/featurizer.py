@@ -93,30 +93,3 @@ def load_featurizer(path: str | Path) -> Featurizer:
     net = Featurizer(**json.loads((path / "config.json").read_text()))
     net.load_state_dict(load_file(path / "weights.safetensors"))
     return net.eval()
-
-
-def featurizer_stage(params) -> dict[str, float]:
-    """The `featurizer` stage: train on the pretraining split, report accuracy on the holdout split."""
-    import mlflow
-
-    from lethe.data.prepared import PreparedData
-    from lethe.files import atomic_dir, content_hash
-    from lethe.tracking import stage_run
-
-    data = PreparedData.load("data/prepared")
-    if any(r.label is None for r in data.records):  # an image folder: nothing to train; evaluate uses its features
-        with atomic_dir("models/featurizer") as tmp:
-            (tmp / "config.json").write_text(json.dumps(NO_LABELS) + "\n")
-        return {}
-    pretrain, holdout = data.split("pretrain"), data.split("holdout")
-    cfg = params.featurizer
-    with stage_run(params, stage="featurizer", method="featurizer", sections=("featurizer",),
-                   data_hash=content_hash("data/prepared")):
-        net = train_featurizer(data.tensor([r.id for r in pretrain]), torch.tensor([r.label for r in pretrain]),
-                               cfg.feature_dim, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
-        metrics = {"featurizer/holdout_accuracy": accuracy(net, data.tensor([r.id for r in holdout]),
-                                                           torch.tensor([r.label for r in holdout]))}
-        mlflow.log_metrics(metrics)
-        with atomic_dir("models/featurizer") as tmp:
-            save_featurizer(net, tmp)
-    return metrics

@@ -1,8 +1,5 @@
-"""The `report` stage: one table of every variant's metrics and a replication-against-FD trade-off plot.
-
-The same numbers reach three doors: `reports/report.md` and `.html`, `plots/tradeoff.json` (a DVC
-plot), and a `report` run in MLflow with the table and the plot as artifacts.
-"""
+"""The report's parts: one table of every variant's metrics, the detection section and the
+replication-against-FD trade-off plot (the `report` stage puts them together)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lethe.files import variant_metrics, write_json, write_text  # noqa: E402
+from lethe.files import variant_metrics  # noqa: E402
+from lethe.paths import DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first
 COLUMNS = (
@@ -100,7 +98,7 @@ def tradeoff_png(points: list[dict], path: Path) -> None:
 DETECTION_SCORES = ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim")
 
 
-def detection_section(path: Path = Path("metrics/detect.json"), localize: Path = Path("metrics/localize.json")) -> str:
+def detection_section(path: Path = DETECT_METRICS, localize: Path = LOCALIZE_METRICS) -> str:
     """The detect stage's AUROC and TPR@1%FPR per score, and NeMo's neuron counts, when those stages ran."""
     if not path.exists():
         return ""
@@ -122,24 +120,3 @@ def detection_section(path: Path = Path("metrics/detect.json"), localize: Path =
                   f"localized {n['nemo/localized_prompts']:.0f}; median neurons per prompt {_cell(n['nemo/median_neurons'])}; "
                   f"union deactivated in evaluate@nemo: {n['nemo/union_neurons']:.0f} (table: reports/localize/neurons.md)"]
     return "\n".join(lines) + "\n"
-
-
-def report(params) -> dict[str, dict[str, float]]:
-    import mlflow
-
-    from lethe.tracking import stage_run
-
-    metrics = load_metrics(params.variants)
-    points = tradeoff_points(metrics)
-    reports = Path("reports")
-    from lethe.search.summary import memcontrol_section
-
-    write_text(reports / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + detection_section()
-               + memcontrol_section(metrics))
-    write_text(reports / "report.html", html_table(metrics))
-    tradeoff_png(points, reports / "tradeoff.png")
-    write_json("plots/tradeoff.json", points)
-    with stage_run(params, stage="report", method="report", sections=("evaluate",), data_hash=""):
-        for name in ("report.md", "report.html", "tradeoff.png"):
-            mlflow.log_artifact(str(reports / name))
-    return metrics

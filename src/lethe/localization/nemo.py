@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from lethe.memorization.attention import attention_control, cross_attention_layers
-from lethe.memorization.detection import max_cross_seed_ssim, noise_differences
+from lethe.memorization.detectors import max_cross_seed_ssim, nemo_scores, noise_differences
 
 Neuron = tuple[str, int]  # (layer name, output channel of its to_v)
 
@@ -143,3 +143,20 @@ def deactivate(model, neurons: set[Neuron]) -> None:
         layers[layer].to_v.weight[channel] = 0.0
         if layers[layer].to_v.bias is not None:
             layers[layer].to_v.bias[channel] = 0.0
+
+
+def encode(model, records) -> torch.Tensor:
+    return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
+
+
+@torch.no_grad()
+def calibrate(model, data, t, noise: torch.Tensor, holdout_prompts: int):
+    """Holdout activation statistics and τ_mem (mean + one std of their scores); target prompts above τ_mem, highest first."""
+    holdout = encode(model, data.split("holdout")[:holdout_prompts])
+    stats = ActivationStats.of(value_activations(model, holdout))
+    holdout_scores = nemo_scores(model.unet, t, noise, holdout)
+    tau = (holdout_scores.mean() + holdout_scores.std()).item()
+    target = data.split("target")
+    target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
+    memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
+    return stats, tau, target, memorized, target_scores

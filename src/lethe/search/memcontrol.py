@@ -19,7 +19,6 @@ hashes every input of a trial, so a changed search never mixes with stale trials
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -37,18 +36,17 @@ from optuna.trial import FrozenTrial, TrialState
 from lethe.config import Params
 from lethe.data.prepared import PreparedData
 from lethe.errors import LetheError, TrainingDiverged
-from lethe.evaluation.evaluate import FeatureSpace, frechet_distance, quality_features
+from lethe.evaluation.metrics import FeatureSpace, frechet_distance, quality_features
 from lethe.evaluation.featurizer import Featurizer, prompt_accuracy
 from lethe.files import content_hash
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
-from lethe.models.factory import build_scheduler, load_model
+from lethe.models.diffusion_model import build_scheduler, load_model
+from lethe.paths import CHECKPOINTS, DATA, FEATURIZER, PRETRAINED, STUDIES
 from lethe.sampling import generate
 from lethe.training.fit import CaptionedImages, checkpoint_key, fit
 from lethe.training.module import DiffusionTraining
 from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainable_count, transformer_blocks
 
-DATA, PRETRAINED, FEATURIZER = Path("data/prepared"), Path("models/pretrained"), Path("models/featurizer")
-STUDIES, CHOSEN = Path("search/studies"), Path("search/memcontrol.json")
 LOCK_GRACE_SECONDS = 30  # a journal lock left by a killed worker is taken over after this long
 STUDY_VERSION = 2  # part of the study key: raise it when a change to the objectives makes old trials stale
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -122,6 +120,7 @@ def fine_tune(inputs: Inputs, mask: Mask | None, lr: float, checkpoints: Path):
     # one process per trial: the search runs trials side by side (workers), not one trial over many devices
     cfg = params.finetune.model_copy(update={"steps": params.memcontrol.trial_steps, "lr": lr, "devices": 1,
                                              "num_nodes": 1, "strategy": "auto"})
+    torch.manual_seed(cfg.seed)  # the LoRA adapters' initialisation comes before fit() seeds (as in train@memcontrol)
     module = DiffusionTraining(model, scheduler, cfg) if mask is None else MaskedTraining(model, scheduler, cfg, mask)
     records = inputs.data.training_records("target")  # planted duplicates appear dup_count times
     result = fit(module, CaptionedImages(inputs.data, records, model.text_encoder.tokenize), cfg, checkpoints)
@@ -157,7 +156,7 @@ def _checkpoints(inputs: Inputs, *parts) -> Path:
 
 
 def checkpoint_root(inputs: Inputs) -> Path:
-    return Path(".lethe/checkpoints") / f"search-{inputs.study_name}"
+    return CHECKPOINTS / f"search-{inputs.study_name}"
 
 
 def _run_tags(parent_id: str, trial: str) -> dict[str, str]:
@@ -287,15 +286,3 @@ def describe(trial: FrozenTrial) -> dict:
             "trainable_params": trial.user_attrs["cost/trainable_params"],
             "trainable_share": trial.user_attrs["cost/trainable_share"],
             "prompt_accuracy": trial.user_attrs.get("prompt_accuracy")}
-
-
-def chosen_training(params: Params, model, scheduler) -> MaskedTraining:
-    """train@memcontrol: the chosen mask and learning rate, with the `finetune` budget of every method."""
-    if not CHOSEN.exists():
-        raise LetheError(f"{CHOSEN}: no chosen mask; run `lethe memcontrol` (or `dvc repro memcontrol`) first")
-    chosen = json.loads(CHOSEN.read_text())
-    unknown = set(chosen["blocks"]) - set(transformer_blocks(model.unet))
-    if unknown:
-        raise LetheError(f"{CHOSEN}: blocks {sorted(unknown)} are not in this model's U-Net; re-run memcontrol")
-    mask = Mask(chosen["family"], tuple(chosen["blocks"]), chosen["lora_rank"], chosen["lora_alpha"])
-    return MaskedTraining(model, scheduler, params.finetune.model_copy(update={"lr": chosen["lr"]}), mask)

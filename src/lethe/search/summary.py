@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHOSEN = Path("search/memcontrol.json")
+from lethe.paths import CHOSEN_MASK
+
 
 
 def _row(cells) -> str:
@@ -16,7 +17,7 @@ def _number(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def memcontrol_section(metrics: dict[str, dict[str, float]], path: Path = CHOSEN) -> str:
+def memcontrol_section(metrics: dict[str, dict[str, float]], path: Path = CHOSEN_MASK) -> str:
     """Markdown, or nothing when the search has not run."""
     if not path.exists():
         return ""

@@ -16,13 +16,14 @@ EMA at the end, the weighted mean of the proxies' EMAs, is the same as averaging
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lethe.models.factory import DiffusionModel
+from lethe.models.diffusion_model import DiffusionModel
 from lethe.training.agc import AntiGradientControl
 from lethe.training.module import Denoised, DiffusionTraining
 
@@ -72,7 +73,7 @@ def _proxy_copy(model: DiffusionModel) -> DiffusionModel:
     """A proxy with its own U-Net (and text encoder if trained); frozen parts are shared, not copied."""
     trained_text = any(p.requires_grad for p in model.text_encoder.parameters())
     text = copy.deepcopy(model.text_encoder) if trained_text else model.text_encoder
-    return DiffusionModel(copy.deepcopy(model.unet), text, model.vae, dict(model.spec))
+    return DiffusionModel(copy.deepcopy(model.unet), text, model.vae, dataclasses.replace(model.spec))
 
 
 class ProxyEnsemble(DiffusionTraining):

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lethe.config import TrainConfig
+from lethe.diffusion import noised, per_sample_loss, unconditional_prediction
 from lethe.errors import TrainingDiverged
-from lethe.models.factory import DiffusionModel
+from lethe.models.diffusion_model import DiffusionModel
 
 
 @dataclass
@@ -34,37 +34,43 @@ class Denoised:
 
 
 class DiffusionTraining(L.LightningModule):
-    def __init__(self, model: DiffusionModel, noise_scheduler: DDPMScheduler, cfg: TrainConfig):
+    """`keep(step, global_batch_size)`, when given, says which samples of a step's global batch train
+    (a method that skips without looking at the samples: the random-skip control)."""
+
+    def __init__(self, model: DiffusionModel, noise_scheduler: DDPMScheduler, cfg: TrainConfig, keep=None):
         super().__init__()
         self.model = model
         self.noise_scheduler = noise_scheduler
         self.cfg = cfg
+        self.keep = keep
         model.text_encoder.requires_grad_(cfg.train_text_encoder)
         if cfg.train_text_encoder:
-            model.spec["save_text_encoder"] = True
+            model.spec.save_text_encoder = True
         self.register_buffer("empty_ids", model.text_encoder.tokenize([""])[0], persistent=False)
 
     def denoise(self, batch: dict, model: DiffusionModel | None = None, t: torch.Tensor | None = None) -> Denoised:
-        """Noise the images at random timesteps (or the given ones) and predict the noise."""
+        """Noise the images at random timesteps (or the given ones) and predict the noise.
+
+        The random draws (caption dropout, noise, timesteps) are made for the whole global batch, in
+        that order, and this rank keeps its rows.
+        """
         model = model or self.model
         x0 = batch["latents"] if "latents" in batch else model.encode_images(batch["images"])  # latents: cached
-        ids = batch["ids"]
-        total, rows = self.global_rows(len(ids))  # draws for the whole global batch, this rank's rows kept
-        dropped = (torch.rand(total, device=ids.device) < self.cfg.caption_dropout)[rows]
-        ids = torch.where(dropped[:, None], self.empty_ids, ids)
-        with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
-            states = model.encode_text(ids)
+        total, rows = self.global_rows(len(batch["ids"]))
+        dropped = (torch.rand(total, device=batch["ids"].device) < self.cfg.caption_dropout)[rows]
+        states = self.condition(model, batch["ids"], dropped)
         noise = torch.randn((total, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)[rows]
         if t is None:
             t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (total,), device=x0.device)[rows]
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        noisy, target = noised(self.noise_scheduler, x0, noise, t)
         prediction = model.unet(noisy, t, encoder_hidden_states=states).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
-        else:
-            target = noise
-        losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return Denoised(losses, t, noisy, states, prediction, dropped)
+        return Denoised(per_sample_loss(prediction, target), t, noisy, states, prediction, dropped)
+
+    def condition(self, model: DiffusionModel, ids: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """The text conditioning, with the dropped rows' captions emptied for classifier-free guidance."""
+        ids = torch.where(dropped[:, None], self.empty_ids, ids)
+        with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
+            return model.encode_text(ids)
 
     def global_rows(self, n: int) -> tuple[int, slice]:
         """The global batch size and this rank's rows in it, when each of W ranks holds n samples.
@@ -89,8 +95,11 @@ class DiffusionTraining(L.LightningModule):
         return np.arange(size)
 
     def select(self, d: Denoised, batch: dict, model: DiffusionModel) -> torch.Tensor:
-        """Which samples contribute a gradient: all of them for plain fine-tuning."""
-        return torch.ones_like(d.losses, dtype=torch.bool)
+        """Which samples contribute a gradient: all of them for plain fine-tuning, or those `keep` keeps."""
+        if self.keep is None:
+            return torch.ones_like(d.losses, dtype=torch.bool)
+        total, rows = self.global_rows(len(d.losses))
+        return self.keep(self.current_step, total)[rows].to(d.losses.device)
 
     def kept_loss(self, d: Denoised, keep: torch.Tensor, batch: dict, model: DiffusionModel) -> torch.Tensor:
         return d.losses[keep].mean()
@@ -110,8 +119,7 @@ class DiffusionTraining(L.LightningModule):
     def unconditional_prediction(self, d: Denoised, model: DiffusionModel) -> torch.Tensor:
         """The same noisy input denoised with the empty prompt, without gradient."""
         with torch.no_grad():
-            empty = model.encode_text(self.empty_ids[None]).expand_as(d.states)
-            return model.unet(d.noisy, d.t, encoder_hidden_states=empty).sample
+            return unconditional_prediction(model.unet, d.noisy, d.t, model.encode_text(self.empty_ids[None]))
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):

@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lethe.models.factory import DiffusionModel
+from lethe.models.diffusion_model import DiffusionModel
 from lethe.training.module import DiffusionTraining
 
 FAMILIES = ("lora", "attention", "difffit")

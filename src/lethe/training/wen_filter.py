@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lethe.memorization.noise_magnitude import noise_magnitude
-from lethe.training.agc import TimestepBank
+from lethe.diffusion import noise_magnitude
+from lethe.training.banks import TimestepBank
 from lethe.training.module import Denoised, DiffusionTraining
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lethe.memorization.noise_magnitude import noise_magnitude
+from lethe.diffusion import noise_magnitude
 
 
 def optimise_prompt_embedding(unet, t, x_t: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor, *, lr: float = 0.05,

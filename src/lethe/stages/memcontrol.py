@@ -1,4 +1,4 @@
-"""The `memcontrol` stage: run the study with one or more workers, choose a mask, write and log the result.
+"""`lethe memcontrol`: run the study with one or more workers, choose a mask, write and log the result.
 
 `lethe memcontrol --workers N` starts N-1 helper processes (`lethe memcontrol --join`) on the same
 storage; `--join` alone adds a worker from anywhere that reaches the storage (an RDB URL across
@@ -26,13 +26,14 @@ from filelock import FileLock  # noqa: E402
 
 from lethe.config import Params  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
+from lethe.paths import CHOSEN_MASK, DATA, PLOTS, REPORTS, SEARCH_METRICS  # noqa: E402
 from lethe.search.memcontrol import (  # noqa: E402
-    CHOSEN, DATA, checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, work,
+    checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, work,
 )
 from lethe.tracking import connect, stage_run, tracking_uri  # noqa: E402
 
 STUDY_TAG = "memcontrol_study"
-REPORT, PLOT, METRICS = Path("reports/memcontrol"), Path("plots/memcontrol.json"), Path("metrics/search/memcontrol.json")
+REPORT, PLOT = REPORTS / "memcontrol", PLOTS / "memcontrol.json"
 
 
 def _parent(params: Params, study_name: str) -> str | None:
@@ -100,7 +101,7 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dic
     chosen, reason = choose(trials, full, cfg)
     front = {t.number for t in study.best_trials}
     rows = [describe(t) | {"pareto": t.number in front, "chosen": t.number == chosen.number} for t in trials]
-    write_json(CHOSEN, describe(chosen) | {
+    write_json(CHOSEN_MASK, describe(chosen) | {
         "study": study.study_name, "family": cfg.family, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
         "policy": reason, "reference": full, "pareto_front": [r for r in rows if r["pareto"]]})
     write_json(PLOT, rows)
@@ -112,7 +113,7 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dic
                   if k not in ("blocks", "trial") and v is not None}}
     if full:
         metrics |= {f"memcontrol/full/{k}": float(v) for k, v in full.items() if "/" not in k}
-    write_json(METRICS, metrics)
+    write_json(SEARCH_METRICS, metrics)
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""The `detect` stage: on the baseline, how well each memorization score flags memorized prompts.
+"""`lethe detect`: on the baseline, how well each memorization score flags memorized prompts.
 
 K generations per prompt for the dup, unique and holdout prompts, sampled with a `SamplingTrace`
 (Wen's magnitudes and the attention maps come free with guided sampling), plus NeMo's first-step
@@ -24,22 +24,17 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from lethe.config import Params  # noqa: E402
 from lethe.data.prepared import PreparedData  # noqa: E402
-from lethe.evaluation.evaluate import DATA, TrainingSet  # noqa: E402
 from lethe.errors import LetheError  # noqa: E402
+from lethe.evaluation.metrics import TrainingSet  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.memorization.attention import cross_attention_layers  # noqa: E402
-from lethe.memorization.detection import detection_quality, memattn_scores, nemo_scores, wen_scores  # noqa: E402
-from lethe.models.factory import build_scheduler, load_model  # noqa: E402
-from lethe.sampling import SamplingTrace, generate, initial_noise, sampling_scheduler  # noqa: E402
+from lethe.memorization.detectors import detection_quality, memattn_scores, nemo_scores, wen_scores  # noqa: E402
+from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
+from lethe.paths import BASELINE, DATA, DETECT_METRICS, REPORTS  # noqa: E402
+from lethe.sampling import SamplingTrace, first_step, generate  # noqa: E402
 from lethe.tracking import stage_run  # noqa: E402
 
-BASELINE = Path("models/baseline")
 SCORES = ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim")
-
-
-def first_step(model, scheduler, steps: int, seeds: int):
-    """The sampler's first timestep and one starting noise per seed: NeMo's inputs."""
-    return sampling_scheduler(scheduler, steps).timesteps[0], initial_noise(model.sample_shape, list(range(seeds)))
 
 
 def prompt_scores(params: Params, model, scheduler, prompts: list[str], training: TrainingSet) -> dict[str, torch.Tensor]:
@@ -91,14 +86,14 @@ def detect(params: Params) -> dict[str, float]:
 
     with stage_run(params, stage="detect", method="baseline", sections=("detect", "sample"), data_hash=content_hash(DATA)):
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
-        with atomic_dir("reports/detect") as tmp:
+        with atomic_dir(REPORTS / "detect") as tmp:
             rows = [{"group": g, "id": r.id, "caption": r.caption, "memorized": bool(m),
                      **{name: float(scores[name][i]) for name in (*SCORES, "replicated_share")}}
                     for i, ((g, r), m) in enumerate(zip(records, measured))]
             write_json(tmp / "scores.json", rows)
             roc_plot(scores, measured, groups, tmp / "roc.png")
-        mlflow.log_artifacts("reports/detect")
-    write_json("metrics/detect.json", metrics)
+        mlflow.log_artifacts(str(REPORTS / "detect"))
+    write_json(DETECT_METRICS, metrics)
     return metrics
 
 

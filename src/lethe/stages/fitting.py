@@ -1,4 +1,4 @@
-"""The `pretrain` and `train@<method>` stages: read params and data, train, write the model, log it all."""
+"""What `pretrain` and `train@<method>` share: train a module, write the model and its sample grid, log it all."""
 
 from __future__ import annotations
 
@@ -6,68 +6,39 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import torch
 
-from lethe.config import Params, TrainConfig
+from lethe.config import Params, ProbeConfig, TrainConfig
 from lethe.data.latents import cached_latents
 from lethe.data.prepared import PreparedData
 from lethe.devices import inference_device, is_main_process
 from lethe.files import atomic_dir, content_hash, write_json
 from lethe.memorization.probe import probe
-from lethe.models.factory import build_model, build_scheduler, load_model, save_model
-from lethe.models.text import corpus_vocabulary
+from lethe.models.diffusion_model import build_scheduler, save_model
+from lethe.paths import CHECKPOINTS, DATA, PRETRAINED, model_dir, train_metrics_file
 from lethe.sampling import generate, save_grid
 from lethe.tracking import lightning_logger, stage_run
 from lethe.training.fit import CaptionedImages, FitResult, checkpoint_key, fit
-from lethe.training.methods import SECTIONS, caption_noise, training_module
 from lethe.training.module import DiffusionTraining
 
-DATA = Path("data/prepared")
-PRETRAINED = Path("models/pretrained")
 
-
-
-def pretrain(params: Params) -> dict:
-    """Train the base model from scratch on the pretraining split."""
-    data = PreparedData.load(DATA)
-    torch.manual_seed(params.pretrain.seed)  # the same initial weights in every run and every DDP process
-    if params.model.kind == "pixel":
-        model = build_model(params.model, params.data.resolution, params.data.channels,
-                            corpus_vocabulary([r.caption for r in data.records]))
-    else:
-        model = build_model(params.model, params.data.resolution, params.data.channels)
-    return _train(params, model, data, name="pretrained", stage="pretrain", method="pretrain",
-                  cfg=params.pretrain, split="pretrain", sections=("data", "model", "diffusion", "pretrain"))
-
-
-def finetune(params: Params, method: str) -> dict:
-    """Fine-tune the base model on the target split (with its planted duplicates)."""
-    data = PreparedData.load(DATA)
-    model = load_model(PRETRAINED)
-    return _train(params, model, data, name=method, stage="train", method=method, cfg=params.finetune, split="target",
-                  sections=("finetune", "sample", "probe", *SECTIONS[method]), probe_after=True)
-
-
-def _train(params: Params, model, data: PreparedData, *, name: str, stage: str, method: str, cfg: TrainConfig,
-           split: str, sections: tuple[str, ...], probe_after: bool = False) -> dict:
+def train_and_save(params: Params, model, data: PreparedData, *, name: str, stage: str, method: str,
+                   cfg: TrainConfig, split: str, sections: tuple[str, ...], training=None, caption_noise=None,
+                   probe_cfg: ProbeConfig | None = None) -> dict:
+    """Train `model` on a split through `training(model, scheduler, samples)` (default: plain fine-tuning),
+    save it as `models/<name>`, and probe it afterwards when `probe_cfg` is given."""
     scheduler = build_scheduler(model, params.diffusion)
     data_hash = content_hash(DATA)
     base_hash = content_hash(PRETRAINED) if stage != "pretrain" else None
     key = checkpoint_key(name, params.model_dump(mode="json"), data_hash, base_hash)
-    checkpoints = Path(".lethe/checkpoints") / f"{name}-{key}"
+    checkpoints = CHECKPOINTS / f"{name}-{key}"
     records = data.training_records(split) if cfg.steps else data.split(split)  # steps 0: the model as it is
-    captions = [r.caption for r in records]
     # latent path: VAE latents encoded once per dataset and VAE, so training never runs the encoder
     latents = None
     if model.vae is not None and cfg.steps:
         latents = cached_latents(model, data, data_hash, inference_device(cfg.accelerator))
-    if stage == "pretrain":
-        module = DiffusionTraining(model, scheduler, cfg)
-        dataset = CaptionedImages(data, records, model.text_encoder.tokenize, latents=latents)
-    else:
-        module = training_module(params, method, model, scheduler, len(records))
-        dataset = CaptionedImages(data, records, model.text_encoder.tokenize, caption_noise(params, method, captions),
-                                  latents=latents)
+    module = (training or (lambda m, s, n: DiffusionTraining(m, s, cfg)))(model, scheduler, len(records))
+    noise = caption_noise([r.caption for r in records]) if caption_noise else None
+    dataset = CaptionedImages(data, records, model.text_encoder.tokenize, noise, latents=latents)
     if not is_main_process():  # a DDP worker: trains its share of every batch; rank 0 logs and writes
         if cfg.steps:
             fit(module, dataset, cfg, checkpoints)
@@ -84,17 +55,17 @@ def _train(params: Params, model, data: PreparedData, *, name: str, stage: str, 
             "cost/trainable_params": float(module.trainable_parameter_count()),
             "train/samples_seen": float(result.steps * cfg.batch_size),
         }
-        out = Path("models") / name
+        out = model_dir(name)
         with atomic_dir(out) as tmp:
             trained = module.trained_model()
             save_model(trained, tmp, method=method)
             trained.to(inference_device(cfg.accelerator))  # Lightning hands the model back on the CPU
             _sample_grid(params, trained, scheduler, data, tmp / "samples.png")
         mlflow.log_artifact(str(out / "samples.png"))
-        if probe_after:
-            metrics |= probe(trained, scheduler, data, params.sample, params.probe)
+        if probe_cfg is not None:
+            metrics |= probe(trained, scheduler, data, params.sample, probe_cfg)
         mlflow.log_metrics(metrics)
-        write_json(Path("metrics/train") / f"{name}.json", metrics)
+        write_json(train_metrics_file(name), metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the outputs are written; nothing left to resume
     return metrics
 

@@ -9,6 +9,7 @@ checkpoint in diffusers format from a local directory. A saved model is `config.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,17 +17,46 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lethe.config import DiffusionConfig, LoyalConfig, ModelConfig
+from lethe.config import DiffusionConfig, ModelConfig
 from lethe.errors import LetheError
 from lethe.models.raunet import with_raunet
 from lethe.models.text import ClipTextEncoder, SmallTextEncoder
 
 
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a saved model; saved as its config.json."""
+
+    model: dict  # the `model` params section it was built from
+    resolution: int
+    channels: int
+    save_text_encoder: bool  # the weights file holds the text encoder too (pixel path, or a fine-tuned one)
+    vocabulary: list[int] | None = None  # the pixel path's token ids, in embedding order
+    raunet: dict | None = None  # LoyalDiffusion's blocks: block, levels, tau, init
+    inference: dict[str, dict] = field(default_factory=dict)  # inference-time mitigation -> its settings
+
+    def to_json(self) -> dict:
+        out = {"model": self.model, "resolution": self.resolution, "channels": self.channels}
+        if self.vocabulary is not None:
+            out["vocabulary"] = self.vocabulary
+        out["save_text_encoder"] = self.save_text_encoder
+        if self.raunet is not None:
+            out["raunet"] = self.raunet
+        if self.inference:
+            out["inference"] = self.inference
+        return out
+
+    @classmethod
+    def from_json(cls, spec: dict) -> "ModelSpec":
+        return cls(spec["model"], spec["resolution"], spec["channels"], spec["save_text_encoder"], spec.get("vocabulary"),
+                   spec.get("raunet"), spec.get("inference", {}))
+
+
 class DiffusionModel(nn.Module):
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, vae: AutoencoderKL | None, spec: dict):
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, vae: AutoencoderKL | None, spec: ModelSpec):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
-        self.spec = spec  # everything needed to rebuild this model: saved as config.json
+        self.spec = spec
         if vae is not None:
             vae.requires_grad_(False)
 
@@ -54,20 +84,20 @@ class DiffusionModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """U-Net always; the text encoder on the pixel path or where it is fine-tuned; never the VAE."""
-        keep = ("unet.", "text_encoder.") if self.spec["save_text_encoder"] else ("unet.",)
+        keep = ("unet.", "text_encoder.") if self.spec.save_text_encoder else ("unet.",)
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(keep)}
 
 
 def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: list[int] | None = None) -> DiffusionModel:
     """A fresh model: random pixel-space U-Net and text encoder, or a local Stable Diffusion checkpoint."""
-    spec = {"model": cfg.model_dump(mode="json"), "resolution": resolution, "channels": channels}
+    spec = dict(model=cfg.model_dump(mode="json"), resolution=resolution, channels=channels)
     if cfg.kind == "latent":
         path = Path(cfg.pretrained_path)
         if not (path / "unet" / "config.json").exists():
             raise LetheError(f"{path}: not a diffusers Stable Diffusion directory (no unet/config.json)")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        return DiffusionModel(unet, ClipTextEncoder(str(path)), vae, {**spec, "save_text_encoder": False})
+        return DiffusionModel(unet, ClipTextEncoder(str(path)), vae, ModelSpec(**spec, save_text_encoder=False))
     if vocabulary is None:
         raise ValueError("the pixel model's text encoder needs the corpus vocabulary")
     text = SmallTextEncoder(vocabulary, cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.text.context_length)
@@ -84,19 +114,19 @@ def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: li
         attention_head_dim=u.attention_head_dim,
         norm_num_groups=u.norm_num_groups,
     )
-    return DiffusionModel(unet, text, None, {**spec, "vocabulary": vocabulary, "save_text_encoder": True})
+    return DiffusionModel(unet, text, None, ModelSpec(**spec, save_text_encoder=True, vocabulary=vocabulary))
 
 
-def add_raunet(model: DiffusionModel, cfg: LoyalConfig, tau: int) -> None:
+def add_raunet(model: DiffusionModel, block: str, levels, tau: int, init: str) -> None:
     """Give the model LoyalDiffusion's denoiser (RAU-Net, routed by t unless tau is 0), recorded in its spec."""
-    model.unet = with_raunet(model.unet, cfg.block, cfg.levels, tau, cfg.init)
-    model.spec["raunet"] = {**cfg.model_dump(mode="json"), "tau": tau}
+    model.unet = with_raunet(model.unet, block, tuple(levels), tau, init)
+    model.spec.raunet = {"block": block, "levels": list(levels), "tau": tau, "init": init}
 
 
 def build_scheduler(model: DiffusionModel, cfg: DiffusionConfig) -> DDPMScheduler:
     """The training noise schedule: the checkpoint's own on the latent path, params' on the pixel path."""
     if model.vae is not None:
-        path = Path(model.spec["model"]["pretrained_path"])
+        path = Path(model.spec.model["pretrained_path"])
         if (path / "scheduler" / "scheduler_config.json").exists():
             return DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
@@ -107,7 +137,7 @@ def save_model(model: DiffusionModel, path: str | Path, **extra) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(model.trainable_state_dict(), path / "weights.safetensors")
-    (path / "config.json").write_text(json.dumps({**model.spec, **extra}, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps({**model.spec.to_json(), **extra}, indent=2) + "\n")
 
 
 def load_model(path: str | Path) -> DiffusionModel:
@@ -115,16 +145,14 @@ def load_model(path: str | Path) -> DiffusionModel:
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "weights.safetensors").exists():
         raise LetheError(f"{path}: no saved model (config.json and weights.safetensors); run its stage first")
-    spec = json.loads((path / "config.json").read_text())
-    model = build_model(ModelConfig(**spec["model"]), spec["resolution"], spec["channels"], spec.get("vocabulary"))
-    model.spec["save_text_encoder"] = spec["save_text_encoder"]
-    if "inference" in spec:  # inference-time mitigations, applied by lethe.sampling.generate
-        model.spec["inference"] = spec["inference"]
-    if "raunet" in spec:
-        rau = dict(spec["raunet"])
-        add_raunet(model, LoyalConfig(**{k: v for k, v in rau.items() if k != "tau"}), rau["tau"])
+    spec = ModelSpec.from_json(json.loads((path / "config.json").read_text()))
+    model = build_model(ModelConfig(**spec.model), spec.resolution, spec.channels, spec.vocabulary)
+    model.spec.save_text_encoder = spec.save_text_encoder
+    model.spec.inference = spec.inference  # inference-time mitigations, applied by lethe.sampling.generate
+    if spec.raunet is not None:
+        add_raunet(model, **spec.raunet)
     missing, unexpected = model.load_state_dict(load_file(path / "weights.safetensors"), strict=False)
-    wrong = [k for k in missing if k.startswith("unet.") or (spec["save_text_encoder"] and k.startswith("text_encoder."))]
+    wrong = [k for k in missing if k.startswith("unet.") or (spec.save_text_encoder and k.startswith("text_encoder."))]
     if wrong or unexpected:
         raise LetheError(f"{path / 'weights.safetensors'}: does not match config.json ({(wrong + unexpected)[:3]})")
     return model

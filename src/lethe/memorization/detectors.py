@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from lethe.memorization.attention import entropy
-from lethe.mitigation.memattn import through_first_end
+from lethe.inference.memattn import through_first_end
 
 
 def wen_scores(magnitudes: torch.Tensor) -> dict[str, torch.Tensor]:

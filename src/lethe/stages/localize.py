@@ -1,4 +1,4 @@
-"""The `localize` stage (NeMo): find each memorized target prompt's neurons; deactivate their union.
+"""`lethe localize` (NeMo): find each memorized target prompt's neurons; deactivate their union.
 
 Activation statistics and τ_mem come from holdout prompts. Every target prompt is scored; those
 above τ_mem (highest first, at most `nemo.max_prompts`) are localized. The union of their neurons is
@@ -15,51 +15,32 @@ import torch
 
 from lethe.config import Params
 from lethe.data.prepared import PreparedData
-from lethe.evaluation.detect import BASELINE, first_step
-from lethe.evaluation.evaluate import DATA
-from lethe.files import atomic_dir, content_hash, write_json, write_text
-from lethe.localization.nemo import ActivationStats, MemorizationScore, deactivate, localize, value_activations
-from lethe.memorization.detection import nemo_scores
-from lethe.mitigation.stage import baseline_costs
-from lethe.models.factory import build_scheduler, load_model, save_model
+from lethe.files import atomic_dir, baseline_costs, content_hash, write_json, write_text
+from lethe.localization import nemo
+from lethe.models.diffusion_model import build_scheduler, load_model, save_model
+from lethe.paths import BASELINE, DATA, LOCALIZE_METRICS, REPORTS, model_dir, train_metrics_file
+from lethe.sampling import first_step
 from lethe.tracking import stage_run
 
 
-def encode(model, records) -> torch.Tensor:
-    return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
-
-
 @torch.no_grad()
-def calibrate(model, data: PreparedData, t, noise: torch.Tensor, holdout_prompts: int):
-    """Holdout activation statistics and τ_mem (mean + one std of their scores); target prompts above τ_mem, highest first."""
-    holdout = encode(model, data.split("holdout")[:holdout_prompts])
-    stats = ActivationStats.of(value_activations(model, holdout))
-    holdout_scores = nemo_scores(model.unet, t, noise, holdout)
-    tau = (holdout_scores.mean() + holdout_scores.std()).item()
-    target = data.split("target")
-    target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
-    memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
-    return stats, tau, target, memorized, target_scores
-
-
-@torch.no_grad()
-def localize_stage(params: Params) -> dict[str, float]:
+def localize(params: Params) -> dict[str, float]:
     cfg = params.nemo
     data = PreparedData.load(DATA)
     model = load_model(BASELINE)
     scheduler = build_scheduler(model, params.diffusion)
     t, noise = first_step(model, scheduler, params.sample.steps, cfg.seeds)
 
-    stats, tau, target, memorized, target_scores = calibrate(model, data, t, noise, cfg.holdout_prompts)
+    stats, tau, target, memorized, target_scores = nemo.calibrate(model, data, t, noise, cfg.holdout_prompts)
     memorized = memorized[: cfg.max_prompts]
 
     rows, union, started = [], set(), time.perf_counter()
     for i in memorized:
-        record, states = target[i], encode(model, [target[i]])
-        z = {layer: values[0] for layer, values in stats.z(value_activations(model, states)).items()}
-        score = MemorizationScore(model, t, noise, states)
+        record, states = target[i], nemo.encode(model, [target[i]])
+        z = {layer: values[0] for layer, values in stats.z(nemo.value_activations(model, states)).items()}
+        score = nemo.MemorizationScore(model, t, noise, states)
         begun = time.perf_counter()
-        neurons = localize(score, z, tau, cfg.iterations, cfg.batch_size)
+        neurons = nemo.localize(score, z, tau, cfg.iterations, cfg.batch_size)
         after = score([neurons])[0] if neurons is not None else None
         rows.append({"id": record.id, "caption": record.caption, "dup_count": record.dup_count,
                      "score": float(target_scores[i]), "score_after": after,
@@ -80,15 +61,15 @@ def localize_stage(params: Params) -> dict[str, float]:
     with stage_run(params, stage="localize", method="nemo", sections=("nemo", "sample"), data_hash=content_hash(DATA)):
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
         pruned = load_model(BASELINE)
-        deactivate(pruned, union)
-        with atomic_dir("models/nemo") as tmp:
+        nemo.deactivate(pruned, union)
+        with atomic_dir(model_dir("nemo")) as tmp:
             save_model(pruned, tmp, method="nemo", nemo={"tau_mem": tau, "neurons": sorted([list(n) for n in union])})
-        with atomic_dir("reports/localize") as tmp:
+        with atomic_dir(REPORTS / "localize") as tmp:
             write_json(tmp / "neurons.json", rows)
             write_text(tmp / "neurons.md", neuron_table(rows, tau))
-        mlflow.log_artifacts("reports/localize")
-    write_json("metrics/train/nemo.json", {**baseline_costs(), "cost/localize_seconds": seconds})
-    write_json("metrics/localize.json", metrics)
+        mlflow.log_artifacts(str(REPORTS / "localize"))
+    write_json(train_metrics_file("nemo"), {**baseline_costs(), "cost/localize_seconds": seconds})
+    write_json(LOCALIZE_METRICS, metrics)
     return metrics
 
 

@@ -1,0 +1,38 @@
+"""Every path the stages share, once: what one stage writes and another reads (relative to the project root).
+
+`dvc.yaml` names the same paths; `tests/test_pipeline_deps.py` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data/prepared")  # prepare: images, captions, splits
+SHARDS = Path("data/shards.json")  # shard: IET-AGC's assignment of training samples to shards
+MODELS = Path("models")  # one directory per variant: config.json + weights.safetensors
+PRETRAINED = MODELS / "pretrained"
+BASELINE = MODELS / "baseline"
+FEATURIZER = MODELS / "featurizer"
+METRICS = Path("metrics")  # metrics/<variant>.json: what evaluate measured
+TRAIN_METRICS = METRICS / "train"  # metrics/train/<variant>.json: training (or packaging) costs
+DETECT_METRICS = METRICS / "detect.json"
+LOCALIZE_METRICS = METRICS / "localize.json"
+SEARCH_METRICS = METRICS / "search" / "memcontrol.json"
+CHOSEN_MASK = Path("search/memcontrol.json")  # memcontrol: the chosen mask, train@memcontrol's input
+STUDIES = Path("search/studies")  # memcontrol: the Optuna journal (persists across re-runs)
+REPORTS = Path("reports")
+PLOTS = Path("plots")
+CHECKPOINTS = Path(".lethe/checkpoints")  # resumable training, outside DVC's outputs
+LATENTS = Path(".lethe/latents")  # VAE latents cached per dataset and VAE
+
+
+def model_dir(variant: str) -> Path:
+    return MODELS / variant
+
+
+def variant_metrics_file(variant: str) -> Path:
+    return METRICS / f"{variant}.json"
+
+
+def train_metrics_file(variant: str) -> Path:
+    return TRAIN_METRICS / f"{variant}.json"

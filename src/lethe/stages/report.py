@@ -1,0 +1,34 @@
+"""`lethe report`: every variant's metrics in one table, with the detection and MemControl sections and
+the replication-against-FD trade-off plot.
+
+The same numbers reach three doors: `reports/report.md` and `.html`, `plots/tradeoff.json` (a DVC
+plot), and a `report` run in MLflow with the table and the plot as artifacts.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from lethe.evaluation.report import (
+    detection_section, html_table, load_metrics, markdown_table, tradeoff_png, tradeoff_points,
+)
+from lethe.files import write_json, write_text
+from lethe.methods import VARIANTS
+from lethe.paths import PLOTS, REPORTS
+from lethe.search.summary import memcontrol_section
+from lethe.tracking import stage_run
+
+
+def report(params) -> str:
+    """Write the report; returns its table (markdown)."""
+    metrics = load_metrics(VARIANTS)
+    points = tradeoff_points(metrics)
+    write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + detection_section()
+               + memcontrol_section(metrics))
+    write_text(REPORTS / "report.html", html_table(metrics))
+    tradeoff_png(points, REPORTS / "tradeoff.png")
+    write_json(PLOTS / "tradeoff.json", points)
+    with stage_run(params, stage="report", method="report", sections=("evaluate",), data_hash=""):
+        for name in ("report.md", "report.html", "tradeoff.png"):
+            mlflow.log_artifact(str(REPORTS / name))
+    return markdown_table(metrics)
