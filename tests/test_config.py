@@ -60,3 +60,26 @@ def test_cli_bad_params_exit_2_with_one_line(tmp_path, change, needle):
 def test_missing_params_file(tmp_path):
     result = run_cli(tmp_path, "prepare")
     assert result.returncode == 2 and "params.yaml: not found" in result.stderr
+
+
+def test_preset_is_written_with_every_section_for_dvc(tmp_path):
+    """A preset without a method's section (it predates the method) becomes a params.yaml DVC can run."""
+    from lethe.cli import main
+    from lethe.config import Params
+
+    preset, target = tmp_path / "preset.yaml", tmp_path / "params.yaml"
+    preset.write_text("finetune: {steps: 7}\n")
+    assert main(["--params", str(target), "preset", str(preset)]) == 0
+    written = yaml.safe_load(target.read_text())
+    assert set(written) == set(Params.model_fields)
+    assert written["finetune"]["steps"] == 7 and written["random_skip"] == {"share": 0.2, "seed": 0}
+    assert load_params(target) == load_params(preset)
+
+
+def test_bad_preset_writes_nothing(tmp_path, capsys):
+    from lethe.cli import main
+
+    preset, target = tmp_path / "preset.yaml", tmp_path / "params.yaml"
+    preset.write_text("finetune: {stepz: 7}\n")
+    assert main(["--params", str(target), "preset", str(preset)]) == 2
+    assert "unknown key 'finetune.stepz'" in capsys.readouterr().err and not target.exists()

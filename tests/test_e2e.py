@@ -32,8 +32,8 @@ def repo(tmp_path_factory):
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
-    shutil.copy(SMOKE, repo / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    sh("lethe", "preset", str(SMOKE.relative_to(ROOT)), cwd=repo, env=env)  # a section it leaves out: at its default
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_ROOT", None)
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -198,3 +198,30 @@ def test_memcontrol_search_trains_and_registers_its_mask(repo, reproduced):
                                     for r in trials)
     versions = client.search_model_versions("name='lethe-smoke'")
     assert any(v.tags.get("method") == "memcontrol" for v in versions)
+
+
+def dvc_status(repo, env) -> dict:
+    result = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_stale_dependencies_of_old_are_seen_by_dvc(repo, reproduced):
+    """The two stages whose dvc.yaml entries once hid a change: IET-AGC+ reads `ietagc`'s section, and an
+    inference-time variant's evaluation runs its mitigation's code."""
+    repo, env = repo
+    params, code = repo / "params.yaml", repo / "src/lethe/inference/prompt_embedding.py"
+    saved = params.read_text(), code.read_text()
+    try:
+        params.write_text(saved[0].replace("agc_lambda: 2.0", "agc_lambda: 12.0"))
+        assert params.read_text() != saved[0]
+        stale = dvc_status(repo, env)
+        assert {"train@ietagc", "train@ietagc_plus"} <= set(stale) and "train@baseline" not in stale
+        params.write_text(saved[0])
+        code.write_text(saved[1] + "\n# changed\n")
+        stale = dvc_status(repo, env)
+        assert {"mitigate@wen_inference", "evaluate@wen_inference"} <= set(stale)
+        assert "evaluate@baseline" not in stale and "train@baseline" not in stale
+    finally:
+        params.write_text(saved[0])
+        code.write_text(saved[1])

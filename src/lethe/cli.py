@@ -1,5 +1,6 @@
-"""`lethe <stage>`: one thin command per DVC stage, each run by `lethe.stages.<stage>.<stage>`.
+"""`lethe <stage>`: one thin command per DVC stage.
 
+Each is `lethe.stages.<stage>.<stage>(params, ...)`; its result prints as JSON (the report: its table).
 A user's mistake (LetheError) prints one line and exits 2; a diverged training exits 1 with its
 message; anything else is a bug and keeps its traceback.
 """
@@ -29,6 +30,8 @@ STAGES = {
     "register": "register every variant in the MLflow registry, move aliases",
     "promote": "move a registry alias by hand (champion must pass the policy)",
 }
+# not a stage: writes params.yaml from a preset, every section filled in
+PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/, every section filled in"
 
 
 def _positive(value: str) -> int:
@@ -42,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     stages = main.add_subparsers(dest="stage", required=True)
     commands = {name: stages.add_parser(name, help=text) for name, text in STAGES.items()}
+    stages.add_parser("preset", help=PRESET_HELP).add_argument("source", help="a preset, e.g. pipelines/smoke/params.yaml")
     commands["train"].add_argument("method", choices=METHODS)
     commands["evaluate"].add_argument("variant", choices=VARIANTS)
     commands["mitigate"].add_argument("variant", choices=MITIGATE)
@@ -70,11 +74,16 @@ def arguments(args: argparse.Namespace) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lethe.config import load_params
+    from lethe.config import load_params, materialized
     from lethe.errors import LetheError, TrainingDiverged
+    from lethe.files import write_text
 
     args = parser().parse_args(argv)
     try:
+        if args.stage == "preset":
+            write_text(args.params, materialized(args.source))
+            print(f"{args.params}: written from {args.source}")
+            return 0
         params = load_params(args.params)
         stage = getattr(importlib.import_module(f"lethe.stages.{args.stage}"), args.stage)
         result = stage(params, *arguments(args))

@@ -225,7 +225,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise LetheError(f"{path}: not found; run from the project root or copy a preset from pipelines/")
+        raise LetheError(f"{path}: not found; run from the project root or write one with `lethe preset pipelines/smoke/params.yaml`")
     except yaml.YAMLError as exc:
         raise LetheError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
     if not isinstance(raw, dict):
@@ -234,3 +234,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise LetheError(f"{path}: {_describe(exc.errors()[0])}")
+
+
+def materialized(path: str | Path) -> str:
+    """A preset as a full params.yaml: every section written out, the ones it leaves out at their defaults.
+
+    DVC tracks a stage's params by their values in params.yaml and refuses to run a stage whose section
+    is missing there, so a preset that predates a method (and has no section for it) becomes a file
+    DVC can run. Values are validated on the way.
+    """
+    params = load_params(path)
+    header = f"# written by `lethe preset {path}`: every section, those the preset leaves out at their defaults\n"
+    return header + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

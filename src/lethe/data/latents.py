@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from lethe.data.prepared import PreparedData
 from lethe.files import content_hash
 from lethe.models.diffusion_model import DiffusionModel
+from lethe.paths import LATENTS
 
-CACHE = Path(".lethe/latents")
+CACHE = LATENTS
 
 
 def latents_key(model: DiffusionModel, data_hash: str) -> str:

@@ -60,8 +60,9 @@ def load_features(kind: str, path: str | None = None, open_clip_model: str = "Vi
         return batched(lambda x: x.flatten(1).float())
     if kind == "featurizer":
         from lethe.evaluation.featurizer import load_featurizer
+        from lethe.paths import FEATURIZER
 
-        return batched(load_featurizer(path or "models/featurizer"))
+        return batched(load_featurizer(path or FEATURIZER))
     if not path or not Path(path).is_file():
         raise LetheError(f"evaluate.features_path: '{path}' is not a file; {kind} features need local weights")
     if kind == "sscd":
