@@ -20,10 +20,9 @@ import torch
 def main() -> None:
     from lethe.config import load_params
     from lethe.data.prepared import PreparedData
-    from lethe.sampling import first_step
-    from lethe.localization.nemo import MemorizationScore, localize, value_activations
-    from lethe.localization.nemo import calibrate, encode
+    from lethe.localization.nemo import MemorizationScore, calibrate, encode, localize, value_activations
     from lethe.models.diffusion_model import build_scheduler, load_model
+    from lethe.sampling import first_step
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/baseline")

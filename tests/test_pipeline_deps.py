@@ -149,3 +149,18 @@ def test_every_declared_method_has_its_stages():
     for name, mitigation in INFERENCE.items():
         assert f"evaluate@{name}" in names, name
         assert (f"mitigate@{name}" if mitigation.stage == "mitigate" else mitigation.stage) in names, name
+
+
+def test_dvc_yaml_names_the_paths_the_code_shares():
+    """Each path in `lethe.paths` that a stage writes or reads is one dvc.yaml names (the caches under
+    .lethe/ stay outside DVC: it would delete them before a re-run)."""
+    from pathlib import PurePath
+
+    from lethe import paths
+
+    text = (ROOT / "dvc.yaml").read_text()
+    shared = {name: value for name, value in vars(paths).items() if isinstance(value, PurePath)}
+    outside = {name for name, value in shared.items() if value.parts[0] == ".lethe"}
+    assert outside == {"CHECKPOINTS", "LATENTS"}
+    missing = [f"{name} = {value}" for name, value in shared.items() if name not in outside and str(value) not in text]
+    assert not missing, f"dvc.yaml does not name {missing}"
