@@ -33,13 +33,66 @@ def test_captions_unique_and_name_their_digit():
 def test_planted_duplicates_only_in_target():
     data = prepare(DataConfig(dup_share=0.1, dup_factor=10))
     planted = [r for r in data.records if r.dup_count > 1]
-    assert len(planted) == 20 and all(r.split == "target" and r.dup_count == 10 for r in planted)
+    assert len(planted) == 20 and all(r.split == "target" and r.dup_count == 10 == r.repeats for r in planted)
     assert len(data.training_records("target")) == 180 + 20 * 10
+    assert len(data.prompt_groups(40)["dup"]) == 20
 
 
 def test_assign_splits_refuses_too_many():
     with pytest.raises(LetheError, match="data.target_size"):
-        assign_splits(10, 8, 5, 0.1, 2, 0)
+        assign_splits(np.arange(10), 8, 5, 0.1, 2, 0)
+
+
+def test_a_duplicate_group_is_one_unit_of_splitting_and_counts_its_copies():
+    groups = np.array([0, 0, 0, 3, 4, 4, 6, 7, 8, 9])  # pictures: {0,1,2}, 3, {4,5}, 6, 7, 8, 9
+    for seed in range(20):
+        splits, dup_counts, repeats = assign_splits(groups, 3, 2, 0.0, 5, seed)
+        for g in (0, 4):
+            assert len({s for s, gg in zip(splits, groups) if gg == g}) == 1
+        assert dup_counts[:3] == [3, 3, 3] and dup_counts[4:6] == [2, 2] and repeats == [1] * 10
+        assert sum(len({g for g, s in zip(groups, splits) if s == split}) for split in ("target", "holdout")) == 5
+    # planted on top of natural copies: trained on copies x factor times
+    splits, dup_counts, repeats = assign_splits(groups, 7, 0, 1.0, 5, 0)
+    assert dup_counts[:3] == [15, 15, 15] and repeats[:3] == [5, 5, 5]
+
+
+def copies_folder(root, pictures=30, copied=4, times=8, seed=0):
+    """A folder of `pictures` random textures, `copied` of which appear as `times` separate files, some
+    re-encoded as JPEG and some re-captioned, as web scrapes have them."""
+    root.mkdir()
+    rng = np.random.default_rng(seed)
+    entries = []
+    for p in range(pictures):
+        pixels = (np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)  # 64x64, blocky
+        for c in range(times if p < copied else 1):
+            name = f"p{p:02d}_c{c}.{'jpg' if c % 2 else 'png'}"
+            Image.fromarray(pixels).save(root / name, **({"quality": 90} if c % 2 else {}))
+            entries.append({"file_name": name, "text": f"picture {p}" + (f" copy {c}" if c % 3 == 2 else "")})
+    rng.shuffle(entries)
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    return root
+
+
+def test_copies_in_a_folder_are_found_kept_in_one_split_and_are_the_dup_group(tmp_path):
+    folder = copies_folder(tmp_path / "imgs")
+    for seed in range(5):
+        data = prepare(DataConfig(source="folder", folder=str(folder), resolution=16, channels=3,
+                                  target_size=12, holdout_size=8, seed=seed))
+        by_picture = {}
+        for r in data.records:
+            by_picture.setdefault(r.source.split("_")[0], set()).add((r.group, r.split))
+        assert all(len(v) == 1 for v in by_picture.values())  # every copy of a picture: one group, one split
+        copied_in_target = {p for p, v in by_picture.items() if int(p[1:]) < 4 and next(iter(v))[1] == "target"}
+        dup = data.prompt_groups(40)["dup"]
+        assert {r.source.split("_")[0] for r in dup} == copied_in_target  # the dup group is exactly those pictures
+        assert all(r.dup_count == 8 and r.repeats == 1 for r in dup)  # planting is off on a folder
+        assert len(data.pictures("target")) == 12 and len(data.pictures("holdout")) == 8
+
+
+def test_a_folder_without_copies_has_no_dup_group(tmp_path):
+    folder = copies_folder(tmp_path / "imgs", copied=0)
+    data = prepare(DataConfig(source="folder", folder=str(folder), resolution=16, channels=3, target_size=10, holdout_size=5))
+    assert data.prompt_groups(40)["dup"] == [] and {r.dup_count for r in data.records} == {1}
 
 
 def test_save_load_round_trip(tmp_path):
@@ -72,6 +125,8 @@ def test_image_folder_resizes(tmp_path):
         ([{"file_name": "a.png", "text": "  "}], "missing caption"),
         ([{"file_name": "gone.png", "text": "x"}], "gone.png: listed in"),
         ([{"text": "x"}], "missing 'file_name'"),
+        ([{"file_name": "../a.png", "text": "x"}], "file_name '../a.png' points outside"),
+        ([{"file_name": "/etc/passwd", "text": "x"}], "file_name '/etc/passwd' points outside"),
     ],
 )
 def test_image_folder_errors(tmp_path, entries, message):
@@ -100,3 +155,35 @@ def test_missing_caption_via_cli_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lethe.cli", "prepare"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "metadata.jsonl:2: missing caption" in result.stderr
+
+
+def run_prepare(tmp_path, folder):
+    (tmp_path / "params.yaml").write_text(f"data: {{source: folder, folder: {folder}, resolution: 16, target_size: 1, holdout_size: 1}}\n")
+    return subprocess.run([sys.executable, "-m", "lethe.cli", "prepare"], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_metadata_that_is_not_utf8_is_one_line_and_exit_2(tmp_path):
+    folder = make_folder(tmp_path / "imgs", [{"file_name": "a.png", "text": "ok"}, {"file_name": "b.png", "text": "x"}])
+    (folder / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    result = run_prepare(tmp_path, folder)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "metadata.jsonl: not UTF-8" in result.stderr and not (tmp_path / "data" / "prepared").exists()
+
+
+def test_a_decompression_bomb_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "imgs", [{"file_name": "a.png", "text": "ok"}, {"file_name": "b.png", "text": "x"}],
+                         size=(300, 300))  # 90,000 pixels, above the limit set below (the real one is 89M)
+    Image.MAX_IMAGE_PIXELS = 40_000  # PIL warns above the limit and raises above twice it: both refused
+    try:
+        with pytest.raises(LetheError, match="a.png: larger than PIL's decompression-bomb limit"):
+            read_image_folder(folder, 16, 1)
+    finally:
+        Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+def test_a_file_outside_the_folder_is_not_read_via_cli(tmp_path):
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(secret)
+    folder = make_folder(tmp_path / "imgs", [{"file_name": "a.png", "text": "ok"}, {"file_name": "../secret.png", "text": "x"}])
+    result = run_prepare(tmp_path, folder)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "points outside" in result.stderr

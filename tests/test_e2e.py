@@ -50,7 +50,7 @@ def reproduced(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
-    stages = ["prepare", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize", "memcontrol",
+    stages = ["prepare", "calibrate", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize", "memcontrol",
               *(f"mitigate@{v}" for v in MITIGATE)]
     stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
     stages += [f"evaluate@{v}" for v in INFERENCE]
@@ -67,8 +67,15 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     assert not list(repo.glob(".lethe/checkpoints/*"))  # finished stages leave nothing to resume
     for path in ("models/featurizer/weights.safetensors", "reports/evaluate/baseline/gallery.png",
                  "reports/evaluate/baseline/samples.png", "reports/report.md", "reports/report.html",
-                 "reports/tradeoff.png", "plots/tradeoff.json", "reports/registry.json"):
+                 "reports/tradeoff.png", "plots/tradeoff.json", "reports/registry.json", "metrics/data.json",
+                 "metrics/calibration.json", *(f"metrics/outcomes/{v}.npz" for v in VARIANTS)):
         assert (repo / path).is_file(), path
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["data/planted_pairs"] == 4 == data["data/dup_prompts"] and data["data/duplicate_groups"] == 0
+    calibration = json.loads((repo / "metrics/calibration.json").read_text())
+    assert calibration["calibration/rel_l2/holdout_fpr"] == 0.05  # 2 of the 40 holdout images
+    registry = json.loads((repo / "reports/registry.json").read_text())
+    assert set(registry["policy"]) == set(VARIANTS)  # a verdict for every variant
 
 
 def test_evaluation_metrics_per_group(repo, reproduced):
@@ -79,14 +86,25 @@ def test_evaluation_metrics_per_group(repo, reproduced):
             assert 0.0 <= metrics[f"replication/{name}/{group}"] <= 1.0 + 1e-6
         assert metrics[f"quality/fd/{group}"] >= 0
         assert 0.0 <= metrics[f"quality/prompt_accuracy/{group}"] <= 1.0
+        for name in ("replication/rate", "quality/fd", "quality/kid", "quality/prompt_accuracy"):
+            key = f"{name}/{group}"
+            assert metrics[f"{key}/low"] <= metrics[key] <= metrics[f"{key}/high"], key
+    variant = json.loads((repo / "metrics/loyal.json").read_text())
+    for key in ("replication/rate/dup", "quality/fd/holdout", "quality/kid/holdout", "quality/prompt_accuracy/holdout"):
+        change = f"vs_baseline/{key}/diff"
+        assert variant[f"{change}/low"] <= variant[change] <= variant[f"{change}/high"], change
+        assert variant[change] == pytest.approx(variant[key] - metrics[key], abs=1e-9)
+        assert variant[f"vs_baseline/{key}/significant"] in (-1.0, 0.0, 1.0)
     assert metrics["cost/seconds_per_image"] > 0 and metrics["cost/trainable_params"] > 0
     report = (repo / "reports/report.md").read_text()
     assert all(f"| {m} |" in report for m in VARIANTS)
     assert "## Detection on the baseline" in report and "## NeMo neurons" in report
     points = json.loads((repo / "plots/tradeoff.json").read_text())
     assert [p["variant"] for p in points] == list(VARIANTS)
-    assert points[0] == {"variant": "baseline", "fd": metrics["quality/fd/holdout"],
-                         "replication_rate": metrics["replication/rate/dup"]}
+    assert points[0]["variant"] == "baseline" and points[0]["fd"] == metrics["quality/fd/holdout"]
+    assert points[0]["replication_rate"] == metrics["replication/rate/dup"]
+    page = (repo / "reports/report.html").read_text()
+    assert "Champion policy" in page and "evaluate/baseline/gallery.png" in page and "[" in page
 
 
 def test_mitigations_log_their_own_metrics(repo, reproduced):
@@ -129,7 +147,10 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     nested = sorted(n for n in runs if n.startswith("memcontrol/"))
     assert nested[0] == "memcontrol/full-finetune" and len(nested) == 3  # the reference and 2 trials
     runs = {n: r for n, r in runs.items() if not n.startswith("memcontrol/")}
-    assert set(runs) == {"pretrain", "featurizer", "report", "register", "detect@baseline", "localize@nemo", "memcontrol",
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its training runs
+    assert runs["prepare"].data.metrics["data/planted_pairs"] == 4
+    assert set(runs) == {"prepare", "calibrate", "pretrain", "featurizer", "report", "register", "detect@baseline",
+                         "localize@nemo", "memcontrol",
                          *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")),
                          *(f"evaluate@{v}" for v in INFERENCE)}
     baseline = runs["train@baseline"]

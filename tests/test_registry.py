@@ -5,32 +5,52 @@ import mlflow
 import pytest
 
 from lethe.config import RegistryConfig
-from lethe.registry import FD, RATE, ACCURACY, choose_champion, policy_failure
+from lethe.registry import FD, RATE, ACCURACY, choose_champion, verdict
 
 CFG = RegistryConfig(fd_tolerance=0.1, accuracy_tolerance=0.05)
 BASE = {RATE: 0.8, FD: 10.0, ACCURACY: 0.9}
 
 
-def test_policy_tolerances():
-    assert policy_failure({RATE: 0.1, FD: 10.9, ACCURACY: 0.86}, BASE, CFG) is None
-    assert "FD" in policy_failure({RATE: 0.1, FD: 11.5, ACCURACY: 0.9}, BASE, CFG)
-    assert "prompt accuracy" in policy_failure({RATE: 0.1, FD: 10.0, ACCURACY: 0.8}, BASE, CFG)
+def paired(rate, fd=(0.0, -0.05, 0.05), accuracy=(0.0, -0.02, 0.02), point=0.1, fd_point=10.0):
+    """A variant's metrics as evaluate writes them: paired change against the baseline, (point, low, high)."""
+    m = {RATE: point, FD: fd_point, ACCURACY: 0.9}
+    for key, kind, (value, low, high) in ((RATE, "diff", rate), (FD, "relative", fd), (ACCURACY, "diff", accuracy)):
+        m |= {f"vs_baseline/{key}/{kind}": value, f"vs_baseline/{key}/{kind}/low": low,
+              f"vs_baseline/{key}/{kind}/high": high}
+    return m
 
 
-def test_champion_is_lowest_rate_within_tolerance():
+def test_policy_needs_a_significant_reduction_and_no_significant_quality_loss():
+    assert verdict(paired((-0.5, -0.7, -0.3)), CFG)[0]
+    ok, why = verdict(paired((-0.2, -0.45, 0.02)), CFG)  # the interval reaches 0: inside the noise
+    assert not ok and "not a significant reduction" in why
+    ok, why = verdict(paired((-0.5, -0.7, -0.3), fd=(0.3, 0.15, 0.45)), CFG)  # FD surely > +10%
+    assert not ok and "FD +30% [+15%, +45%]" in why
+    # FD's point is beyond the tolerance but its interval reaches below it: not significantly beyond
+    assert verdict(paired((-0.5, -0.7, -0.3), fd=(0.15, 0.02, 0.3)), CFG)[0]
+    ok, why = verdict(paired((-0.5, -0.7, -0.3), accuracy=(-0.2, -0.3, -0.1)), CFG)
+    assert not ok and "prompt accuracy" in why
+
+
+def test_champion_is_lowest_rate_among_the_qualified_with_every_reason_kept():
     metrics = {
         "baseline": BASE,
-        "good": {RATE: 0.3, FD: 10.5, ACCURACY: 0.9},
-        "better_but_blurry": {RATE: 0.0, FD: 20.0, ACCURACY: 0.9},
+        "good": paired((-0.5, -0.7, -0.3), point=0.3),
+        "better_but_blurry": paired((-0.8, -0.9, -0.7), fd=(1.0, 0.8, 1.2), point=0.0),
+        "noise": paired((-0.1, -0.3, 0.1), point=0.05),
     }
-    assert choose_champion(metrics, "baseline", CFG) == "good"
-    assert choose_champion({"baseline": BASE}, "baseline", CFG) == "baseline"
+    champion, reasons = choose_champion(metrics, "baseline", CFG)
+    assert champion == "good"
+    assert reasons["good"].startswith("qualifies") and reasons["noise"].startswith("refused")
+    assert reasons["better_but_blurry"].startswith("refused: FD") and set(reasons) == set(metrics)
+    assert choose_champion({"baseline": BASE}, "baseline", CFG)[0] == "baseline"
+    assert choose_champion({"baseline": BASE, "noise": metrics["noise"]}, "baseline", CFG)[0] == "baseline"
 
 
 def test_a_tie_in_replication_goes_to_the_lower_fd():
-    metrics = {"baseline": BASE, "first": {RATE: 0.0625, FD: 10.5, ACCURACY: 0.9},
-               "sharper": {RATE: 0.0625, FD: 8.0, ACCURACY: 0.9}}
-    assert choose_champion(metrics, "baseline", CFG) == "sharper"  # was the first listed
+    metrics = {"baseline": BASE, "first": paired((-0.7, -0.8, -0.6), point=0.0625, fd_point=10.5),
+               "sharper": paired((-0.7, -0.8, -0.6), point=0.0625, fd_point=8.0)}
+    assert choose_champion(metrics, "baseline", CFG)[0] == "sharper"  # was the first listed
 
 
 @pytest.fixture
@@ -42,7 +62,7 @@ def registry(project):
     connect(TrackingConfig(experiment="lethe-smoke"))
     client = mlflow.MlflowClient()
     client.create_registered_model("m")
-    for metrics in (BASE, {RATE: 0.1, FD: 15.0, ACCURACY: 0.9}):
+    for metrics in (BASE, paired((-0.7, -0.8, -0.6), fd=(0.5, 0.3, 0.7), fd_point=15.0)):
         version = client.create_model_version("m", source=str(project))
         for key, value in metrics.items():
             client.set_model_version_tag("m", version.version, f"metric/{key}", str(value))
@@ -58,7 +78,7 @@ def promote(project, *args):
 def test_promote_refuses_a_version_that_fails_the_policy(project, registry):
     refused = promote(project, "2", "--alias", "champion")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "fails the champion policy: FD 15.000" in refused.stderr
+    assert "fails the champion policy: FD +50% [+30%, +70%]" in refused.stderr
     with pytest.raises(mlflow.exceptions.MlflowException):
         registry.get_model_version_by_alias("m", "champion")
     forced = promote(project, "2", "--alias", "champion", "--force")

@@ -1,17 +1,19 @@
 import pytest
 
-from lethe.evaluation.report import markdown_table, with_baseline_changes
+from lethe.evaluation.report import markdown_table
 
 
-def test_each_variant_is_shown_beside_the_baseline():
-    metrics = with_baseline_changes({
-        "baseline": {"replication/rate/dup": 0.4, "quality/fd/holdout": 20.0},
-        "loyal": {"replication/rate/dup": 0.1, "quality/fd/holdout": 21.0},
-    })
-    assert metrics["loyal"]["vs_baseline/replication_rate_dup"] == pytest.approx(-0.75)
-    assert metrics["loyal"]["vs_baseline/fd_holdout"] == pytest.approx(0.05)
-    table = markdown_table(metrics)
-    assert "| loyal | –" not in table and "-75%" in table and "+5%" in table
+def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
+    base = {"replication/rate/dup": 0.4, "replication/rate/dup/low": 0.3, "replication/rate/dup/high": 0.5}
+    loyal = {"replication/rate/dup": 0.1, "replication/rate/dup/low": 0.05, "replication/rate/dup/high": 0.2,
+             "vs_baseline/replication/rate/dup/relative": -0.75, "vs_baseline/replication/rate/dup/relative/low": -0.9,
+             "vs_baseline/replication/rate/dup/relative/high": -0.5, "vs_baseline/replication/rate/dup/significant": -1.0,
+             "vs_baseline/quality/fd/holdout/relative": 0.05, "vs_baseline/quality/fd/holdout/relative/low": -0.1,
+             "vs_baseline/quality/fd/holdout/relative/high": 0.2, "vs_baseline/quality/fd/holdout/significant": 0.0}
+    table = markdown_table({"baseline": base, "loyal": loyal})
+    assert "| baseline | 0.400 [0.300, 0.500] | – |" in table
+    assert "| loyal | 0.100 [0.050, 0.200] | -75% [-90%, -50%] * |" in table
+    assert "+5% [-10%, +20%] |" in table  # inside the noise: no mark
 
 
 @pytest.mark.parametrize("stage", ["report", "register"])

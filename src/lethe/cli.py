@@ -16,11 +16,12 @@ from lethe.methods import METHODS, MITIGATE, VARIANTS
 
 # stage: its help line; every stage is `lethe.stages.<stage>.<stage>(params, ...)`
 STAGES = {
-    "prepare": "build the dataset, splits and planted duplicates",
+    "prepare": "build the dataset: duplicate groups, splits, planted duplicates",
     "shard": "assign the target split's samples to IET-AGC's shards",
     "pretrain": "train the base model on the pretraining split",
     "train": "fine-tune the base model on the target split with a method",
     "featurizer": "train the feature network for FD and prompt accuracy",
+    "calibrate": "replication thresholds from the holdout images (never trained on)",
     "evaluate": "replication, quality and cost metrics of a variant",
     "detect": "memorization detection scores on the baseline: AUROC, TPR@1%%FPR, ROC",
     "mitigate": "package an inference-time mitigation with the baseline",

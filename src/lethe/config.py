@@ -25,9 +25,18 @@ class DataConfig(Section):
     channels: Literal[1, 3] = 1
     target_size: int = Field(200, ge=1)  # images fine-tuned on (the set that must not leak)
     holdout_size: int = Field(200, ge=1)  # images never trained on; the rest is the pretraining split
-    dup_share: float = Field(0.1, ge=0.0, le=1.0)  # share of target images planted as duplicates
+    dup_share: float | None = Field(None, ge=0.0, le=1.0)  # share of target pictures planted as duplicates;
+    # null: 0.2 on the digits (the planted ground truth), none on a folder (its own copies are the dup group)
     dup_factor: int = Field(10, ge=1)  # how many times each planted image-caption pair appears
+    dedup_features: Literal["pixels", "sscd", "open_clip"] = "pixels"  # where near copies are looked for
+    dedup_features_path: str | None = None  # sscd: TorchScript file; open_clip: weights file
+    dedup_distance: float = Field(0.015, ge=0.0)  # near copy: RMS pixel difference on [0, 1] (pixels) or
+    # 1 - cosine similarity (sscd, open_clip) at most this; 0 groups exact copies only (README: duplicates)
     seed: int = 0
+
+    @property
+    def planted_share(self) -> float:
+        return self.dup_share if self.dup_share is not None else (0.2 if self.source == "digits" else 0.0)
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
@@ -172,6 +181,9 @@ class EvaluateConfig(Section):
     nn_ratio: float = Field(1 / 3, gt=0.0, le=1.0)
     rel_l2_n: int = Field(50, ge=2)
     rel_l2_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    thresholds: Literal["calibrated", "fixed"] = "calibrated"  # calibrated: metrics/calibration.json
+    calibration_fpr: float = Field(0.05, gt=0.0, lt=1.0)  # share of holdout images a calibrated threshold flags
+    bootstrap: int = Field(1000, ge=100)  # resamples of prompts behind every interval
     chunk_size: int = Field(65536, ge=1)
     gallery_rows: int = Field(6, ge=1)
 

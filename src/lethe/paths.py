@@ -15,6 +15,8 @@ BASELINE = MODELS / "baseline"
 FEATURIZER = MODELS / "featurizer"
 METRICS = Path("metrics")  # metrics/<variant>.json: what evaluate measured
 TRAIN_METRICS = METRICS / "train"  # metrics/train/<variant>.json: training (or packaging) costs
+DATA_METRICS = METRICS / "data.json"  # prepare: duplicate groups, planted pairs
+CALIBRATION = METRICS / "calibration.json"  # calibrate: replication thresholds from the holdout images
 DETECT_METRICS = METRICS / "detect.json"
 LOCALIZE_METRICS = METRICS / "localize.json"
 SEARCH_METRICS = METRICS / "search" / "memcontrol.json"
@@ -36,3 +38,8 @@ def variant_metrics_file(variant: str) -> Path:
 
 def train_metrics_file(variant: str) -> Path:
     return TRAIN_METRICS / f"{variant}.json"
+
+
+def outcomes_file(variant: str) -> Path:
+    """evaluate: per-generation outcomes, the baseline's paired with every other variant's."""
+    return METRICS / "outcomes" / f"{variant}.npz"

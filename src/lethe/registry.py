@@ -1,10 +1,14 @@
 """The model registry's conventions: one version per evaluated variant, aliases `baseline` and `champion`.
 
-Policy for `champion`: among the registered variants, the lowest dup-prompt replication rate whose
-quality stays within params' tolerances of the baseline (FD on holdout prompts may rise by at most
-`fd_tolerance`, relative; prompt accuracy may fall by at most `accuracy_tolerance`, absolute); a tie in
-the rate goes to the lower FD. A
-version whose model files are already registered is reused, not registered twice.
+Policy for `champion`, on the paired 95% intervals of each variant against the baseline (same prompts,
+same seeds): a variant qualifies when
+- its reduction of the dup-prompt replication rate is significant (the difference's interval lies below 0),
+- its FD on holdout prompts is not significantly more than `fd_tolerance` above the baseline's (the
+  relative change's interval does not lie wholly above the tolerance),
+- its prompt accuracy on holdout prompts is not significantly more than `accuracy_tolerance` below.
+Among the qualified, the lowest dup rate wins, a tie going to the lower FD; with none, the baseline stays
+champion. Every variant's verdict and reason is kept (`reports/registry.json`, a version tag). A version
+whose model files are already registered is reused, not registered twice.
 """
 
 from __future__ import annotations
@@ -12,28 +16,55 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-
 from lethe.config import RegistryConfig
 from lethe.files import content_hash
 
 RATE, FD, ACCURACY = "replication/rate/dup", "quality/fd/holdout", "quality/prompt_accuracy/holdout"
 
 
-def policy_failure(candidate: dict[str, float], baseline: dict[str, float], cfg: RegistryConfig) -> str | None:
-    """Why a version may not be champion, or None when it may."""
-    if FD in candidate and FD in baseline and candidate[FD] > baseline[FD] * (1 + cfg.fd_tolerance):
-        return f"FD {candidate[FD]:.3f} is above the baseline's {baseline[FD]:.3f} by more than {cfg.fd_tolerance:.0%}"
-    if ACCURACY in candidate and ACCURACY in baseline and candidate[ACCURACY] < baseline[ACCURACY] - cfg.accuracy_tolerance:
-        return (f"prompt accuracy {candidate[ACCURACY]:.3f} is below the baseline's {baseline[ACCURACY]:.3f} "
-                f"by more than {cfg.accuracy_tolerance}")
-    return None
+def _paired(m: dict[str, float], key: str, kind: str) -> tuple[float, float, float] | None:
+    prefix = f"vs_baseline/{key}/{kind}"
+    if prefix not in m or m.get(f"{prefix}/low") is None:
+        return None
+    return m[prefix], m[f"{prefix}/low"], m[f"{prefix}/high"]
 
 
-def choose_champion(metrics: dict[str, dict[str, float]], baseline: str, cfg: RegistryConfig) -> str:
-    allowed = [v for v, m in metrics.items() if policy_failure(m, metrics[baseline], cfg) is None]
-    # ties in the rate (it counts copies among a few dozen generations) go to the lower FD
-    return min(allowed, key=lambda v: (metrics[v].get(RATE, float("inf")), v != baseline,
-                                       metrics[v].get(FD, float("inf"))))
+def verdict(candidate: dict[str, float], cfg: RegistryConfig) -> tuple[bool, str]:
+    """Whether a variant may be champion, and why (for the baseline itself: it is the reference)."""
+    rate = _paired(candidate, RATE, "diff")
+    if rate is None:
+        return False, "no paired comparison of the dup replication rate with the baseline (no dup prompts?)"
+    change, low, high = rate
+    if not high < 0:
+        return False, (f"dup replication change {change:+.3f} [{low:+.3f}, {high:+.3f}] is not a significant "
+                       "reduction (its interval reaches 0)")
+    fd = _paired(candidate, FD, "relative")
+    if fd is not None and fd[1] > cfg.fd_tolerance:
+        return False, (f"FD {fd[0]:+.0%} [{fd[1]:+.0%}, {fd[2]:+.0%}] against the baseline is significantly "
+                       f"beyond the tolerance of +{cfg.fd_tolerance:.0%}")
+    accuracy = _paired(candidate, ACCURACY, "diff")
+    if accuracy is not None and accuracy[2] < -cfg.accuracy_tolerance:
+        return False, (f"prompt accuracy {accuracy[0]:+.3f} [{accuracy[1]:+.3f}, {accuracy[2]:+.3f}] is significantly "
+                       f"more than {cfg.accuracy_tolerance} below the baseline's")
+    quality = [f"FD {fd[0]:+.0%} [{fd[1]:+.0%}, {fd[2]:+.0%}]" if fd else "FD not measured",
+               f"accuracy {accuracy[0]:+.3f} [{accuracy[1]:+.3f}, {accuracy[2]:+.3f}]" if accuracy else "accuracy not measured"]
+    return True, (f"dup replication {change:+.3f} [{low:+.3f}, {high:+.3f}], a significant reduction; "
+                  + ", ".join(quality) + ": within the tolerances")
+
+
+def choose_champion(metrics: dict[str, dict[str, float]], baseline: str, cfg: RegistryConfig) -> tuple[str, dict[str, str]]:
+    """The champion, and every variant's verdict ("qualifies: ..." or "refused: ...")."""
+    reasons, allowed = {baseline: "the baseline: the reference every variant is compared with"}, []
+    for variant, m in metrics.items():
+        if variant == baseline:
+            continue
+        ok, why = verdict(m, cfg)
+        reasons[variant] = ("qualifies: " if ok else "refused: ") + why
+        if ok:
+            allowed.append(variant)
+    if not allowed:
+        return baseline, reasons
+    return min(allowed, key=lambda v: (metrics[v].get(RATE, float("inf")), metrics[v].get(FD, float("inf")))), reasons
 
 
 def version_metrics(version) -> dict[str, float]:

@@ -51,6 +51,12 @@ def _no_retries():
                 os.environ[key] = value
 
 
+# the kind tag makes MLflow 3's UI open the experiment on its training runs, not on the (empty here)
+# GenAI overview it shows an untagged experiment
+EXPERIMENT_KIND = "mlflow.experimentKind"
+KIND = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 def connect(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and create the experiment; fail now if a server cannot be reached."""
     import mlflow
@@ -59,8 +65,11 @@ def connect(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         with _no_retries():
-            if mlflow.get_experiment_by_name(cfg.experiment) is None:
-                mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri), tags=KIND)
+            elif EXPERIMENT_KIND not in experiment.tags:  # created by an older lethe
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, KIND[EXPERIMENT_KIND])
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise LetheError(f"MLflow store {uri} cannot be reached ({type(exc).__name__}); check tracking.uri or MLFLOW_TRACKING_URI")
     mlflow.set_experiment(cfg.experiment)

@@ -1,8 +1,10 @@
 """The prepared dataset on disk: `images.npy` (uint8, N x C x H x W) and `manifest.jsonl`.
 
 Each image is stored once. The manifest gives its id (its row in images.npy), split, caption, label
-(the digit, or null for a user's folder) and `dup_count`: how many times the pair appears in training.
-Planted duplicates are expanded when a split is read for training, as LAION's copies would be.
+(the digit, or null for a user's folder), `group` (the id of the first copy of the same picture: copies
+found by `lethe.data.duplicates` share it, and always share a split), `repeats` (the planting factor:
+how many times this row is repeated in training, 1 unless planted) and `dup_count`: how many times the
+picture is trained on, its copies in the split times the planting factor.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Record:
     dup_count: int
     label: int | None
     source: str
+    group: int
+    repeats: int = 1
 
 
 @dataclass
@@ -39,19 +43,26 @@ class PreparedData:
         return [r for r in self.records if r.split == name]
 
     def training_records(self, name: str) -> list[Record]:
-        """The split as a training set sees it: each record repeated `dup_count` times."""
+        """The split as a training set sees it: every file, each planted one repeated `repeats` times."""
         records = self.split(name)
         if not records:
             raise LetheError(f"split '{name}' is empty: adjust data.target_size / data.holdout_size")
-        return [r for r in records for _ in range(r.dup_count)]
+        return [r for r in records for _ in range(r.repeats)]
+
+    def pictures(self, name: str) -> list[Record]:
+        """One record per picture of the split: the first copy of each duplicate group."""
+        seen: set[int] = set()
+        return [r for r in self.split(name) if not (r.group in seen or seen.add(r.group))]
 
     def prompt_groups(self, per_group: int) -> dict[str, list[Record]]:
-        """Prompts to test: dup (planted duplicates), unique (other target images), holdout (never trained on)."""
-        target = self.split("target")
+        """Prompts to test, one per picture: dup (pictures trained on more than once: planted or natural
+        copies), unique (pictures trained on once) and holdout (never trained on). The dup group is empty
+        on a folder without copies."""
+        target = self.pictures("target")
         return {
             "dup": [r for r in target if r.dup_count > 1][:per_group],
             "unique": [r for r in target if r.dup_count == 1][:per_group],
-            "holdout": self.split("holdout")[:per_group],
+            "holdout": self.pictures("holdout")[:per_group],
         }
 
     def tensor(self, ids) -> torch.Tensor:
@@ -70,7 +81,10 @@ class PreparedData:
         path = Path(path)
         if not (path / "manifest.jsonl").exists():
             raise LetheError(f"{path}: no prepared data here; run `dvc repro prepare` first")
-        records = [Record(**json.loads(line)) for line in (path / "manifest.jsonl").read_text().splitlines()]
+        try:
+            records = [Record(**json.loads(line)) for line in (path / "manifest.jsonl").read_text().splitlines()]
+        except TypeError:
+            raise LetheError(f"{path / 'manifest.jsonl'}: written by an older lethe; run `dvc repro prepare` again")
         images = np.load(path / "images.npy", mmap_mode="r", allow_pickle=False)
         return cls(images=images, records=records)
 
@@ -85,22 +99,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def assign_splits(
-    n: int, target_size: int, holdout_size: int, dup_share: float, dup_factor: int, seed: int
-) -> tuple[list[str], list[int]]:
-    """Shuffle ids into target, holdout and pretrain (the rest); plant duplicates in target."""
-    if target_size + holdout_size > n:
+    groups: np.ndarray, target_size: int, holdout_size: int, dup_share: float, dup_factor: int, seed: int
+) -> tuple[list[str], list[int], list[int]]:
+    """Shuffle pictures (duplicate groups, each one unit) into target, holdout and pretrain (the rest), and
+    plant `dup_share` of the target pictures `dup_factor` times. Returns each row's split, dup_count
+    (copies of its picture in the split times its planting factor) and repeats (the planting factor)."""
+    pictures = np.unique(groups)
+    if target_size + holdout_size > len(pictures):
         raise LetheError(
             f"params.yaml: 'data.target_size' + 'data.holdout_size' = {target_size + holdout_size} "
-            f"but the dataset has only {n} images"
+            f"but the dataset has only {len(pictures)} distinct pictures ({len(groups)} images)"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    split = ["pretrain"] * n
-    dup_count = [1] * n
-    for i in order[:target_size]:
-        split[i] = "target"
-    for i in order[target_size : target_size + holdout_size]:
-        split[i] = "holdout"
-    n_planted = round(dup_share * target_size)
-    for i in order[:n_planted]:  # target ids are already in random order
-        dup_count[i] = dup_factor
-    return split, dup_count
+    order = np.random.default_rng(seed).permutation(pictures)
+    split_of = {int(g): "pretrain" for g in pictures}
+    split_of |= {int(g): "target" for g in order[:target_size]}
+    split_of |= {int(g): "holdout" for g in order[target_size : target_size + holdout_size]}
+    planted = {int(g) for g in order[: round(dup_share * target_size)]}  # target pictures in random order
+    copies = dict(zip(*np.unique(groups, return_counts=True)))
+    splits = [split_of[int(g)] for g in groups]
+    repeats = [dup_factor if int(g) in planted else 1 for g in groups]
+    dup_counts = [int(copies[g]) * r for g, r in zip(groups, repeats)]
+    return splits, dup_counts, repeats

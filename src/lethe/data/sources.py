@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lethe.config import DataConfig
 from lethe.data.captions import unique_captions
+from lethe.data.duplicates import duplicate_groups
 from lethe.data.prepared import PreparedData, Record, assign_splits
 from lethe.errors import LetheError
 
@@ -32,8 +34,13 @@ def read_image_folder(folder: str | Path, resolution: int, channels: int):
     metadata = folder / "metadata.jsonl"
     if not metadata.exists():
         raise LetheError(f"{metadata}: not found; an image folder needs metadata.jsonl with file_name and text")
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LetheError(f"{metadata}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
     images, captions, names = [], [], []
-    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+    root = folder.resolve()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{metadata}:{number}"
@@ -47,6 +54,8 @@ def read_image_folder(folder: str | Path, resolution: int, channels: int):
         if not isinstance(caption, str) or not caption.strip():
             raise LetheError(f"{where}: missing caption ('text') for {entry['file_name']}")
         file = folder / entry["file_name"]
+        if Path(entry["file_name"]).is_absolute() or not file.resolve().is_relative_to(root):
+            raise LetheError(f"{where}: file_name '{entry['file_name']}' points outside {folder}")
         if not file.is_file():
             raise LetheError(f"{file}: listed in {where} but missing")
         images.append(_load_resized(file, resolution, channels))
@@ -59,7 +68,10 @@ def read_image_folder(folder: str | Path, resolution: int, channels: int):
 
 def _load_resized(file: Path, resolution: int, channels: int) -> np.ndarray:
     try:
-        with Image.open(file) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below twice its limit
+            image = Image.open(file)
+        with image:
             image = image.convert("L" if channels == 1 else "RGB")
             # centre-crop to a square, then resize: the usual text-to-image preprocessing
             side = min(image.size)
@@ -67,13 +79,16 @@ def _load_resized(file: Path, resolution: int, channels: int) -> np.ndarray:
             image = image.crop((left, top, left + side, top + side))
             image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
             array = np.asarray(image, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise LetheError(f"{file}: larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+                         f"({str(exc).split('pixels')[0].split('(')[-1].strip()} pixels); shrink it or remove it from metadata.jsonl")
     except (UnidentifiedImageError, OSError) as exc:
         raise LetheError(f"{file}: unreadable image ({type(exc).__name__}); fix or remove it from metadata.jsonl")
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def prepare(cfg: DataConfig) -> PreparedData:
-    """Build the dataset the config asks for, with splits and planted duplicates."""
+    """Build the dataset the config asks for: duplicate groups found, split by group, duplicates planted."""
     if cfg.source == "digits":
         if cfg.channels != 1:
             raise LetheError("params.yaml: 'data.channels' must be 1 for the grayscale digits")
@@ -83,11 +98,23 @@ def prepare(cfg: DataConfig) -> PreparedData:
     else:
         images, captions, sources = read_image_folder(cfg.folder, cfg.resolution, cfg.channels)
         labels = [None] * len(images)
-    splits, dup_counts = assign_splits(
-        len(images), cfg.target_size, cfg.holdout_size, cfg.dup_share, cfg.dup_factor, cfg.seed
+    groups = duplicate_groups(images, dedup_features(cfg, images), cfg.dedup_distance)
+    splits, dup_counts, repeats = assign_splits(
+        groups, cfg.target_size, cfg.holdout_size, cfg.planted_share, cfg.dup_factor, cfg.seed
     )
     records = [
-        Record(id=i, split=splits[i], caption=captions[i], dup_count=dup_counts[i], label=labels[i], source=sources[i])
+        Record(id=i, split=splits[i], caption=captions[i], dup_count=dup_counts[i], label=labels[i], source=sources[i],
+               group=int(groups[i]), repeats=repeats[i])
         for i in range(len(images))
     ]
     return PreparedData(images=images, records=records)
+
+
+def dedup_features(cfg: DataConfig, images: np.ndarray) -> torch.Tensor | None:
+    """Features for near-copy search (None: pixels, compared directly)."""
+    if cfg.dedup_features == "pixels":
+        return None
+    from lethe.data.prepared import to_float
+    from lethe.memorization.features import load_features
+
+    return load_features(cfg.dedup_features, cfg.dedup_features_path)(to_float(images))

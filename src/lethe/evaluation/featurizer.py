@@ -43,9 +43,15 @@ class Featurizer(nn.Module):
 def prompt_accuracy(featurizer, images: torch.Tensor, labels: list[int | None]) -> float | None:
     """The share of generations the featurizer classifies as their prompt's digit; None without labels
     (an image folder) or without a classifier (another feature space)."""
+    correct = prompt_correct(featurizer, images, labels)
+    return None if correct is None else correct.float().mean().item()
+
+
+def prompt_correct(featurizer, images: torch.Tensor, labels: list[int | None]) -> torch.Tensor | None:
+    """Per generation: does the featurizer classify it as its prompt's digit (None as prompt_accuracy)."""
     if not isinstance(featurizer, Featurizer) or any(label is None for label in labels):
         return None
-    return (featurizer.classify(images).argmax(1) == torch.tensor(labels)).float().mean().item()
+    return featurizer.classify(images).argmax(1) == torch.tensor(labels)
 
 
 def train_featurizer(images: torch.Tensor, labels: torch.Tensor, feature_dim: int, steps: int, batch_size: int,

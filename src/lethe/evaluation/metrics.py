@@ -8,24 +8,38 @@ splits); quality against the holdout images, which no model saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import poly_kernel
 
 from lethe.config import EvaluateConfig
 from lethe.data.prepared import PreparedData
 from lethe.devices import inference_device
+from lethe.errors import LetheError
 from lethe.evaluation.featurizer import Featurizer, has_featurizer, load_featurizer
 from lethe.memorization.features import load_features
 from lethe.memorization.replication import Criteria, replication_scores
-from lethe.paths import FEATURIZER
+from lethe.paths import CALIBRATION, FEATURIZER
 
 
-def criteria(cfg: EvaluateConfig) -> Criteria:
-    return Criteria(cfg.sim_threshold, cfg.nn_ratio, cfg.rel_l2_n, cfg.rel_l2_threshold, cfg.criterion, cfg.chunk_size)
+def criteria(cfg: EvaluateConfig, calibrated: bool = True) -> Criteria:
+    """The replication criteria: thresholds from `metrics/calibration.json` (the calibrate stage) when
+    `evaluate.thresholds` is calibrated, else the fixed ones in params."""
+    fixed = Criteria(cfg.sim_threshold, cfg.nn_ratio, cfg.rel_l2_n, cfg.rel_l2_threshold, cfg.criterion,
+                     cfg.chunk_size, published_nn_ratio=cfg.nn_ratio)
+    if not calibrated or cfg.thresholds == "fixed":
+        return fixed
+    if not CALIBRATION.exists():
+        raise LetheError(f"{CALIBRATION}: no calibration; run `dvc repro calibrate` first "
+                         "(or set evaluate.thresholds: fixed)")
+    c = json.loads(CALIBRATION.read_text())
+    return replace(fixed, sim_threshold=c["calibration/sim/threshold"], nn_ratio=c["calibration/nn_ratio/threshold"],
+                   rel_l2_threshold=c["calibration/rel_l2/threshold"])
 
 
 class FeatureSpace(torch.nn.Module):
@@ -46,15 +60,66 @@ def frechet_distance(featurizer: Featurizer | FeatureSpace, real: torch.Tensor, 
     return fd.compute().item()
 
 
+class FeatureDistances:
+    """FD and KID (torchmetrics, in the same feature space) of generated features against one fixed set of
+    real features, for any subset of the generations: what the bootstrap over prompts needs."""
+
+    def __init__(self, real: torch.Tensor, kid_subsets: int = 20):
+        self.real, self.kid_subsets = real, kid_subsets
+        self.fd = FrechetInceptionDistance(feature=FeatureSpace(lambda x: x, real.shape[1]), reset_real_features=False)
+        self.fd.update(real, real=True)
+        self._real_subsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def frechet(self, fake: torch.Tensor) -> float:
+        self.fd.reset()
+        self.fd.update(fake, real=False)
+        return self.fd.compute().item()
+
+    @torch.no_grad()
+    def kernel(self, fake: torch.Tensor) -> float:
+        """KID: the unbiased MMD with torchmetrics' cubic kernel, averaged over `kid_subsets` subsets of the
+        real features of the fakes' size, as KernelInceptionDistance computes it (every fake is in each
+        subset when there are no more fakes than reals). The subsets are drawn once, from a fixed seed, so
+        resampled prompts (intervals.py) are not blurred by fresh subset noise, and each subset's real-real
+        kernel is summed once; a call costs one fake-fake and one real-fake kernel."""
+        m = len(fake)
+        if m > len(self.real) or m < 2:
+            return float("nan")
+        subsets, real_sums = self._subsets(m)
+        k_ff = poly_kernel(fake, fake)
+        k_rf = poly_kernel(self.real, fake).sum(1)  # per real row, summed over the fakes
+        fake_sum = k_ff.sum() - k_ff.diagonal().sum()
+        values = (real_sums + fake_sum) / (m * (m - 1)) - 2 * k_rf[subsets].sum(1) / m**2
+        return values.mean().item()
+
+    def _subsets(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if m not in self._real_subsets:
+            generator = torch.Generator().manual_seed(0)
+            subsets = torch.stack([torch.randperm(len(self.real), generator=generator)[:m] for _ in range(self.kid_subsets)])
+            sums = []
+            for rows in subsets:
+                k_rr = poly_kernel(self.real[rows], self.real[rows])
+                sums.append(k_rr.sum() - k_rr.diagonal().sum())
+            self._real_subsets[m] = (subsets, torch.stack(sums))
+        return self._real_subsets[m]
+
+
 @torch.no_grad()
 def diversity(features: torch.Tensor, per_prompt: int) -> float:
     """1 - mean cosine similarity between generations of the same prompt (0: every seed gives one image)."""
+    return prompt_diversity(features, per_prompt).mean().item()
+
+
+@torch.no_grad()
+def prompt_diversity(features: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """`diversity` per prompt (NaN with one generation per prompt)."""
     if per_prompt < 2:
-        return float("nan")
+        return torch.full((len(features) // per_prompt,), float("nan"))
     f = F.normalize(features, dim=1).view(-1, per_prompt, features.shape[1])
     sim = f @ f.transpose(1, 2)
     off_diagonal = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)
-    return 1 - (off_diagonal / (per_prompt * (per_prompt - 1))).mean().item()
+    return 1 - off_diagonal / (per_prompt * (per_prompt - 1))
 
 
 def generation_plan(captions: list[str], per_prompt: int) -> tuple[list[str], list[int]]:
@@ -75,10 +140,10 @@ class TrainingSet:
     criteria: Criteria
 
     @classmethod
-    def load(cls, data: PreparedData, cfg: EvaluateConfig) -> "TrainingSet":
+    def load(cls, data: PreparedData, cfg: EvaluateConfig, calibrated: bool = True) -> "TrainingSet":
         featurize = replication_features(cfg)
         pixels = data.tensor([r.id for r in data.records if r.split in ("pretrain", "target")])
-        return cls(pixels, featurize(pixels), featurize, criteria(cfg))
+        return cls(pixels, featurize(pixels), featurize, criteria(cfg, calibrated))
 
     def replication(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return replication_scores(self.featurize(images), self.features, images, self.pixels, self.criteria)

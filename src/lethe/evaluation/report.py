@@ -13,19 +13,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lethe.files import variant_metrics  # noqa: E402
-from lethe.paths import DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
+from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
-# (column title, metric key): the comparison a reader wants first
+# (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
+# (`<key>/low`, `<key>/high`); a change against the baseline is paired (same prompts and seeds), and
+# marked * where its interval excludes no change.
 COLUMNS = (
     ("replication rate (dup)", "replication/rate/dup"),
+    ("dup rate vs baseline", "vs_baseline/replication/rate/dup/relative"),
     ("replication rate (unique)", "replication/rate/unique"),
     ("replication rate (holdout)", "replication/rate/holdout"),
-    ("dup rate vs baseline", "vs_baseline/replication_rate_dup"),
-    ("FD vs baseline", "vs_baseline/fd_holdout"),
-    ("top-1 sim p95 (dup)", "replication/sim_p95/dup"),
-    ("nn-ratio rate (dup)", "replication/nn_ratio_rate/dup"),
     ("FD (holdout)", "quality/fd/holdout"),
+    ("FD vs baseline", "vs_baseline/quality/fd/holdout/relative"),
+    ("KID (holdout)", "quality/kid/holdout"),
     ("prompt accuracy (holdout)", "quality/prompt_accuracy/holdout"),
+    ("accuracy vs baseline", "vs_baseline/quality/prompt_accuracy/holdout/diff"),
+    ("Gu 1/3 rate (dup)", "replication/gu_published_rate/dup"),
+    ("top-1 sim p95 (dup)", "replication/sim_p95/dup"),
     ("diversity (holdout)", "quality/diversity/holdout"),
     ("train s", "cost/train_seconds"),
     ("trainable params", "cost/trainable_params"),
@@ -35,61 +39,116 @@ TRADEOFF_X, TRADEOFF_Y = "quality/fd/holdout", "replication/rate/dup"
 
 
 def load_metrics(variants) -> dict[str, dict[str, float]]:
-    return with_baseline_changes(variant_metrics(variants))
+    return variant_metrics(variants)
 
 
-def with_baseline_changes(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Add each variant's relative change of dup replication rate and FD against the baseline's."""
-    base = metrics.get("baseline")
-    if base is None:
-        return metrics
-    changes = {"vs_baseline/replication_rate_dup": "replication/rate/dup", "vs_baseline/fd_holdout": "quality/fd/holdout"}
-    out = {}
-    for variant, values in metrics.items():
-        extra = {new: values[key] / base[key] - 1.0 for new, key in changes.items()
-                 if base.get(key) and values.get(key) is not None}
-        out[variant] = {**values, **extra}
-    return out
+def significance(values: dict[str, float], key: str) -> float | None:
+    """+1 / -1 where a paired change is significant, 0 where not; None for a figure that is not a change."""
+    if not key.startswith("vs_baseline/"):
+        return None
+    return values.get(key.rsplit("/", 1)[0] + "/significant")
 
 
-def _cell(value, key: str = "") -> str:
+def _number(value: float, key: str) -> str:
+    if key.endswith("/relative"):
+        return f"{value:+.0%}"
+    if key.startswith("vs_baseline/"):
+        return f"{value:+.3f}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
+
+
+def _cell(value, key: str = "", values: dict[str, float] | None = None) -> str:
+    """The figure, its interval in brackets where it has one, and * for a significant change."""
     if value is None:
         return "–"
-    if key.startswith("vs_baseline/"):
-        return f"{value:+.0%}"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
+    text = _number(value, key)
+    values = values or {}
+    low, high = values.get(f"{key}/low"), values.get(f"{key}/high")
+    if low is not None and high is not None:
+        text += f" [{_number(low, key)}, {_number(high, key)}]"
+    if significance(values, key):
+        text += " *"
+    return text
 
 
 def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = ["| variant | " + " | ".join(title for title, _ in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for variant, values in metrics.items():
-        lines.append(f"| {variant} | " + " | ".join(_cell(values.get(key), key) for _, key in COLUMNS) + " |")
+        lines.append(f"| {variant} | " + " | ".join(_cell(values.get(key), key, values) for _, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def html_table(metrics: dict[str, dict[str, float]]) -> str:
+LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompts (a prompt's generations drawn "
+          "together). A change against the baseline is paired: the same prompts and seeds, the difference itself "
+          "bootstrapped; * marks a change whose interval excludes 0 (significant at 5%). A change without * is "
+          "inside the noise of this many prompts.")
+
+
+def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, galleries: dict[str, str],
+              policy: dict[str, str] | None = None) -> str:
+    """The report as one page a person reads: the table with intervals, the trade-off plot, the policy's
+    verdicts, the other sections, and each variant's gallery (paths relative to reports/)."""
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
-    rows = "".join(
-        f"<tr><td>{html.escape(v)}</td>" + "".join(f"<td>{_cell(m.get(k), k)}</td>" for _, k in COLUMNS) + "</tr>"
-        for v, m in metrics.items()
-    )
-    return (f"<!doctype html><meta charset='utf-8'><title>lethe report</title>"
-            f"<table border='1' cellpadding='4'><tr><th>variant</th>{head}</tr>{rows}</table>\n")
+    rows = []
+    for variant, values in metrics.items():
+        cells = []
+        for _, key in COLUMNS:
+            sign = significance(values, key)
+            better = "worse" if key.startswith("vs_baseline/quality/fd") or key.startswith("vs_baseline/replication") else "better"
+            cls = "" if not sign else (" class='good'" if (sign > 0) == (better == "better") else " class='bad'")
+            cells.append(f"<td{cls}>{html.escape(_cell(values.get(key), key, values))}</td>")
+        rows.append(f"<tr><th>{html.escape(variant)}</th>{''.join(cells)}</tr>")
+    verdicts = "".join(f"<li><b>{html.escape(v)}</b>: {html.escape(r)}</li>" for v, r in (policy or {}).items())
+    pictures = "".join(f"<figure><figcaption>{html.escape(v)}</figcaption><img src='{html.escape(src)}' alt='gallery of {html.escape(v)}'></figure>"
+                       for v, src in galleries.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lethe: variants compared</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: right; white-space: nowrap; }}
+tr > th:first-child {{ text-align: left; }}
+td.good {{ background: #e3f4e1; }} td.bad {{ background: #fbe3e1; }}
+figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
+figure img {{ max-width: 560px; border: 1px solid #ddd; }}
+pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0.8rem; }}
+</style></head><body>
+<h1>lethe: variants compared</h1>
+<p>{html.escape(LEGEND)} Green: a significant improvement; red: a significant loss.</p>
+<div style="overflow-x:auto"><table><tr><th>variant</th>{head}</tr>{"".join(rows)}</table></div>
+<h2>Memorization against quality</h2>
+<img src="tradeoff.png" alt="dup replication rate against FD, with intervals">
+<h2>Champion policy</h2><ul>{verdicts or "<li>the register stage has not run</li>"}</ul>
+<h2>Detection, calibration, data</h2>
+<pre>{html.escape(sections_markdown)}</pre>
+<h2>Galleries</h2>
+<p>Each generation beside its nearest training images, with its replication scores.</p>
+{pictures}
+</body></html>
+"""
 
 
 def tradeoff_points(metrics: dict[str, dict[str, float]]) -> list[dict]:
-    return [{"variant": v, "fd": m.get(TRADEOFF_X), "replication_rate": m.get(TRADEOFF_Y)} for v, m in metrics.items()]
+    return [{"variant": v, "fd": m.get(TRADEOFF_X), "fd_low": m.get(f"{TRADEOFF_X}/low"), "fd_high": m.get(f"{TRADEOFF_X}/high"),
+             "replication_rate": m.get(TRADEOFF_Y), "replication_rate_low": m.get(f"{TRADEOFF_Y}/low"),
+             "replication_rate_high": m.get(f"{TRADEOFF_Y}/high")} for v, m in metrics.items()]
 
 
 def tradeoff_png(points: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for p in points:
-        ax.scatter(p["fd"], p["replication_rate"])
+        if p["fd"] is None or p["replication_rate"] is None:
+            continue
+        error = {}
+        if p.get("fd_low") is not None and p.get("replication_rate_low") is not None:
+            error = {"xerr": [[p["fd"] - p["fd_low"]], [p["fd_high"] - p["fd"]]],
+                     "yerr": [[p["replication_rate"] - p["replication_rate_low"]], [p["replication_rate_high"] - p["replication_rate"]]]}
+        ax.errorbar(p["fd"], p["replication_rate"], fmt="o", capsize=2, elinewidth=0.8, **error)
         ax.annotate(p["variant"], (p["fd"], p["replication_rate"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("FD, holdout prompts (lower is better)")
     ax.set_ylabel("replication rate, dup prompts (lower is better)")
-    ax.set_title("memorization against quality")
+    ax.set_title("memorization against quality (95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -107,9 +166,11 @@ def detection_section(path: Path = DETECT_METRICS, localize: Path = LOCALIZE_MET
              "| score | AUROC (measured) | TPR@1%FPR (measured) | AUROC (planted) | TPR@1%FPR (planted) |",
              "|---|---|---|---|---|"]
     for score in DETECTION_SCORES:
-        cells = [d.get(f"detection/{score}/{k}") for k in ("auroc", "tpr_at_1pct_fpr", "planted_auroc", "planted_tpr_at_1pct_fpr")]
-        lines.append(f"| {score} | " + " | ".join(_cell(c) for c in cells) + " |")
+        keys = [f"detection/{score}/{k}" for k in ("auroc", "tpr_at_1pct_fpr", "planted_auroc", "planted_tpr_at_1pct_fpr")]
+        lines.append(f"| {score} | " + " | ".join(_cell(d.get(k), k, d) for k in keys) + " |")
     lines.append("")
+    if not d.get("prompts/dup"):
+        lines.append("There is no dup group (no picture is trained on more than once), so the planted columns are empty.")
     lines.append("measured: prompts whose baseline generations replicate a training image, against the rest; "
                  "planted: dup prompts against holdout prompts. Memorized share (measured): "
                  + ", ".join(f"{g} {_cell(d.get(f'detection/memorized_share/{g}'))}" for g in ("dup", "unique", "holdout")))
@@ -120,3 +181,29 @@ def detection_section(path: Path = DETECT_METRICS, localize: Path = LOCALIZE_MET
                   f"localized {n['nemo/localized_prompts']:.0f}; median neurons per prompt {_cell(n['nemo/median_neurons'])}; "
                   f"union deactivated in evaluate@nemo: {n['nemo/union_neurons']:.0f} (table: reports/localize/neurons.md)"]
     return "\n".join(lines) + "\n"
+
+
+def data_section(data: Path = DATA_METRICS, calibration: Path = CALIBRATION) -> str:
+    """What prepare found (duplicate groups, planted pairs) and the calibrated thresholds, when they exist."""
+    lines = []
+    if data.exists():
+        d = json.loads(data.read_text())
+        lines += ["", "## Data", "",
+                  f"{d['data/images']:.0f} images, {d['data/pictures']:.0f} distinct pictures; "
+                  f"{d['data/duplicate_groups']:.0f} pictures with copies ({d['data/duplicate_files']:.0f} files, largest "
+                  f"group {d['data/largest_group']:.0f}); planted pairs {d['data/planted_pairs']:.0f}; "
+                  f"{d['data/target_duplicate_sample_share']:.0%} of the target training samples show a picture seen "
+                  f"more than once; dup prompts available: {d['data/dup_prompts']:.0f}."]
+        if not d["data/dup_prompts"]:
+            lines.append("No picture is trained on more than once: there is no dup group, and no dup figures.")
+    if calibration.exists():
+        c = json.loads(calibration.read_text())
+        lines += ["", "## Calibrated replication thresholds", "",
+                  f"From {c['calibration/holdout_images']:.0f} holdout images (real, never trained on) scored against the "
+                  f"training set; each threshold flags {c['calibration/fpr_target']:.0%} of them.", "",
+                  "| criterion | calibrated threshold | holdout FPR | published threshold | its holdout FPR |",
+                  "|---|---|---|---|---|"]
+        for name in ("sim", "nn_ratio", "rel_l2"):
+            lines.append(f"| {name} | {c[f'calibration/{name}/threshold']:.3f} | {c[f'calibration/{name}/holdout_fpr']:.3f} | "
+                         f"{c[f'calibration/{name}/published_threshold']:.3f} | {c[f'calibration/{name}/published_holdout_fpr']:.3f} |")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -152,11 +152,11 @@ def encode(model, records) -> torch.Tensor:
 @torch.no_grad()
 def calibrate(model, data, t, noise: torch.Tensor, holdout_prompts: int):
     """Holdout activation statistics and τ_mem (mean + one std of their scores); target prompts above τ_mem, highest first."""
-    holdout = encode(model, data.split("holdout")[:holdout_prompts])
+    holdout = encode(model, data.pictures("holdout")[:holdout_prompts])
     stats = ActivationStats.of(value_activations(model, holdout))
     holdout_scores = nemo_scores(model.unet, t, noise, holdout)
     tau = (holdout_scores.mean() + holdout_scores.std()).item()
-    target = data.split("target")
+    target = data.pictures("target")
     target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
     memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
     return stats, tau, target, memorized, target_scores

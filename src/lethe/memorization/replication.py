@@ -27,6 +27,7 @@ class Criteria:
     rel_l2_threshold: float = 0.5
     criterion: str = "rel_l2"  # which of sim | nn_ratio | rel_l2 decides `rate`
     chunk_size: int = 65536
+    published_nn_ratio: float = 1 / 3  # Gu et al.'s fixed threshold, reported beside a calibrated one
 
 
 def top1_similarity(gen_features: torch.Tensor, ref_features: torch.Tensor, chunk_size: int = 65536):
@@ -57,7 +58,8 @@ def replication_scores(gen_features, ref_features, gen_pixels, ref_pixels, crite
         "rel_l2": scores["rel_l2"] < criteria.rel_l2_threshold,
     }
     return {**scores, "sim": sim, "sim_nearest": sim_nearest, "copied": copied[criteria.criterion],
-            "sim_copied": copied["sim"], "nn_ratio_copied": copied["nn_ratio"], "rel_l2_copied": copied["rel_l2"]}
+            "sim_copied": copied["sim"], "nn_ratio_copied": copied["nn_ratio"], "rel_l2_copied": copied["rel_l2"],
+            "gu_copied": scores["nn_ratio"] < criteria.published_nn_ratio}
 
 
 def summarize(scores: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -69,4 +71,5 @@ def summarize(scores: dict[str, torch.Tensor]) -> dict[str, float]:
         "rate": scores["copied"].float().mean().item(),
         "nn_ratio_rate": scores["nn_ratio_copied"].float().mean().item(),
         "rel_l2_rate": scores["rel_l2_copied"].float().mean().item(),
+        "gu_published_rate": scores["gu_copied"].float().mean().item(),
     }

@@ -60,7 +60,7 @@ class Inputs:
     data: PreparedData
     blocks: list[str]
     featurizer: Featurizer | FeatureSpace  # FD's feature space, as the evaluate stage's
-    memorized: list  # the memorization subset: target records planted more than once
+    memorized: list  # the memorization subset: target pictures trained on more than once (else all of them)
     holdout_pixels: torch.Tensor
     study_name: str
 
@@ -79,14 +79,21 @@ def study_key(params: Params) -> str:
 
 def load_inputs(params: Params) -> Inputs:
     data = PreparedData.load(DATA)
-    memorized = [r for r in data.split("target") if r.dup_count > 1]
-    if not memorized:
-        raise LetheError("memcontrol needs a memorization subset: no target image is planted more than once "
-                         "(raise data.dup_share and data.dup_factor)")
+    memorized = memorization_subset(data)
     holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
     return Inputs(params, data, transformer_blocks(load_model(PRETRAINED).unet),
                   quality_features(params.evaluate, holdout_pixels), memorized, holdout_pixels,
                   f"memcontrol-{study_key(params)}")
+
+
+def memorization_subset(data: PreparedData) -> list:
+    """The dup group (target pictures trained on more than once); with none, as in a folder without copies,
+    every target picture: each is still one a user must not leak."""
+    return [r for r in data.pictures("target") if r.dup_count > 1] or data.pictures("target")
+
+
+def subset_name(data: PreparedData) -> str:
+    return "dup" if any(r.dup_count > 1 for r in data.pictures("target")) else "target (no dup group)"
 
 
 def storage(params: Params, name: str):

@@ -25,6 +25,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from lethe.config import Params  # noqa: E402
 from lethe.data.prepared import PreparedData  # noqa: E402
 from lethe.errors import LetheError  # noqa: E402
+from lethe.evaluation.intervals import with_intervals  # noqa: E402
 from lethe.evaluation.metrics import TrainingSet  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.memorization.attention import cross_attention_layers  # noqa: E402
@@ -70,13 +71,17 @@ def detect(params: Params) -> dict[str, float]:
     with torch.no_grad():
         scores = prompt_scores(params, model, scheduler, [r.caption for _, r in records], TrainingSet.load(data, params.evaluate))
     measured = (scores["replicated_share"] >= cfg.memorized_share).numpy()
-    planted = groups != "unique"
-    metrics: dict[str, float] = {}
+    planted = np.flatnonzero(groups != "unique")
+    metrics: dict[str, float] = {"prompts/dup": float((groups == "dup").sum())}
     for name in SCORES:
         values = scores[name].numpy()
-        metrics |= {f"detection/{name}/{k}": v for k, v in detection_quality(values, measured).items()}
-        metrics |= {f"detection/{name}/planted_{k}": v
-                    for k, v in detection_quality(values[planted], groups[planted] == "dup").items()}
+        # 95% intervals: prompts resampled (NaN draws, with one class only, are left out)
+        metrics |= with_intervals(lambda rows: {f"detection/{name}/{k}": v for k, v in
+                                                detection_quality(values[rows], measured[rows]).items()},
+                                  len(values), params.evaluate.bootstrap)
+        metrics |= with_intervals(lambda rows: {f"detection/{name}/planted_{k}": v for k, v in
+                                                detection_quality(values[planted[rows]], groups[planted[rows]] == "dup").items()},
+                                  len(planted), params.evaluate.bootstrap)
         for group in ("dup", "unique", "holdout"):
             if (groups == group).any():
                 metrics[f"detection/{name}/mean/{group}"] = float(values[groups == group].mean())

@@ -1,5 +1,8 @@
 """`lethe evaluate <variant>`: generate for dup, unique and holdout prompts; measure replication, quality
-and cost per group; write `metrics/<variant>.json`, log the same to MLflow with a gallery."""
+and cost per group, each with a 95% interval over prompts, and (for a variant other than the baseline)
+the paired change against the baseline's generations for the same prompts and seeds. Writes
+`metrics/<variant>.json` and the per-generation outcomes `metrics/outcomes/<variant>.npz`; logs the same
+to MLflow with a gallery."""
 
 from __future__ import annotations
 
@@ -7,55 +10,76 @@ import json
 import time
 
 import mlflow
+import numpy as np
 import torch
 
 from lethe.config import Params
 from lethe.data.prepared import PreparedData
 from lethe.devices import inference_device
+from lethe.errors import LetheError
 from lethe.evaluation.clip_score import load_clip_score
-from lethe.evaluation.featurizer import prompt_accuracy
+from lethe.evaluation.featurizer import prompt_correct
+from lethe.evaluation.figures import group_figures, load_outcomes, paired_figures, save_outcomes, statistics
 from lethe.evaluation.gallery import save_gallery
-from lethe.evaluation.metrics import TrainingSet, diversity, frechet_distance, generation_plan, quality_features
+from lethe.evaluation.metrics import FeatureDistances, TrainingSet, generation_plan, prompt_diversity, quality_features
 from lethe.files import atomic_dir, content_hash, write_json
-from lethe.memorization.replication import summarize
 from lethe.models.diffusion_model import build_scheduler, load_model
-from lethe.paths import DATA, REPORTS, model_dir, train_metrics_file, variant_metrics_file
+from lethe.paths import DATA, REPORTS, model_dir, outcomes_file, train_metrics_file, variant_metrics_file
 from lethe.sampling import generate, save_grid
 from lethe.tracking import stage_run
+
+BASELINE = "baseline"
 
 
 def evaluate(params: Params, variant: str) -> dict[str, float]:
     cfg = params.evaluate
     data = PreparedData.load(DATA)
+    baseline = None
+    if variant != BASELINE:
+        if not outcomes_file(BASELINE).exists():
+            raise LetheError(f"{outcomes_file(BASELINE)}: missing; run `dvc repro evaluate@baseline` first "
+                             "(every variant is compared with the baseline on the same prompts)")
+        baseline = load_outcomes(outcomes_file(BASELINE))
     model = load_model(model_dir(variant))
     scheduler = build_scheduler(model, params.diffusion)
     model.to(inference_device())
     training = TrainingSet.load(data, cfg)
-    holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
+    holdout_pixels = data.tensor([r.id for r in data.pictures("holdout")])
     featurizer = quality_features(cfg, holdout_pixels, training.featurize)
+    with torch.no_grad():
+        distances = FeatureDistances(featurizer(holdout_pixels).double())
     clip_score = load_clip_score(cfg.clip_model_path, cfg.open_clip_model, inference_device()) if cfg.clip_model_path else None
 
-    metrics, shown, generated_seconds, generated_count = {}, [], 0.0, 0
+    metrics: dict[str, float] = {}
+    outcomes, shown, generated_seconds, generated_count = {}, [], 0.0, 0
+    k = cfg.generations_per_prompt
     for group, records in data.prompt_groups(cfg.prompts_per_group).items():
-        if not records:
+        metrics[f"prompts/{group}"] = float(len(records))
+        if not records:  # e.g. no dup group on a folder without copies: said in the metrics, not invented
             continue
-        k = cfg.generations_per_prompt
         prompts, seeds = generation_plan([r.caption for r in records], k)
         started = time.perf_counter()
         images = generate(model, scheduler, prompts, seeds, params.sample)
         generated_seconds += time.perf_counter() - started
         generated_count += len(images)
         scores = training.replication(images)
-        group_metrics = {f"replication/{name}": value for name, value in summarize(scores).items()}
         with torch.no_grad():
-            group_metrics["quality/fd"] = frechet_distance(featurizer, holdout_pixels, images)
-            group_metrics["quality/diversity"] = diversity(featurizer(images), k)
+            features = featurizer(images)
+            o = {"prompts": np.array(prompts), "features": features.double().numpy(),
+                 "sim": scores["sim"].numpy(), "diversity": prompt_diversity(features, k).numpy(),
+                 **{flag: scores[flag].numpy() for flag in ("copied", "sim_copied", "nn_ratio_copied",
+                                                           "rel_l2_copied", "gu_copied")}}
+            correct = prompt_correct(featurizer, images, [r.label for r in records for _ in range(k)])
+            if correct is not None:
+                o["correct"] = correct.numpy()
             if clip_score is not None:
-                group_metrics["quality/clip_score"] = clip_score(images, prompts).mean().item()
-        accuracy = prompt_accuracy(featurizer, images, [r.label for r in records for _ in range(k)])
-        if accuracy is not None:
-            group_metrics["quality/prompt_accuracy"] = accuracy
-        metrics |= {f"{name}/{group}": value for name, value in group_metrics.items()}
+                o["clip_score"] = clip_score(images, prompts).numpy()
+        outcomes[group] = o
+        stats = statistics(o, k, distances)
+        metrics |= group_figures(group, stats, len(records), cfg.bootstrap)
+        if baseline is not None:
+            metrics |= paired_figures(group, stats, statistics(paired_with(baseline, group, o), k, distances),
+                                      len(records), cfg.bootstrap)
         rows = min(cfg.gallery_rows, len(records))
         shown.append((group, images[::k][:rows], [r.caption for r in records[:rows]],
                       {key: value[::k][:rows] for key, value in scores.items()}))
@@ -67,10 +91,22 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
 
     with stage_run(params, stage="evaluate", method=variant, sections=("evaluate", "sample"),
                    data_hash=content_hash(DATA)):
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         with atomic_dir(REPORTS / "evaluate" / variant) as tmp:
-            save_gallery(shown, training.pixels, tmp / "gallery.png")
-            save_grid(torch.cat([s[1] for s in shown]), tmp / "samples.png", nrow=cfg.gallery_rows)
+            if shown:
+                save_gallery(shown, training.pixels, tmp / "gallery.png")
+                save_grid(torch.cat([s[1] for s in shown]), tmp / "samples.png", nrow=cfg.gallery_rows)
         mlflow.log_artifacts(str(REPORTS / "evaluate" / variant))
+    outcomes_file(variant).parent.mkdir(parents=True, exist_ok=True)
+    save_outcomes(outcomes_file(variant), outcomes)
     write_json(variant_metrics_file(variant), metrics)
     return metrics
+
+
+def paired_with(baseline: dict[str, dict[str, np.ndarray]], group: str, outcomes: dict[str, np.ndarray]):
+    """The baseline's outcomes of this group, checked to be for the same prompts in the same order."""
+    theirs = baseline.get(group)
+    if theirs is None or theirs["prompts"].tolist() != outcomes["prompts"].tolist():
+        raise LetheError(f"{outcomes_file(BASELINE)}: the baseline was evaluated on other '{group}' prompts; "
+                         "run `dvc repro evaluate@baseline` again")
+    return theirs

@@ -27,8 +27,9 @@ from filelock import FileLock  # noqa: E402
 from lethe.config import Params  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.paths import CHOSEN_MASK, DATA, PLOTS, REPORTS, SEARCH_METRICS  # noqa: E402
+from lethe.data.prepared import PreparedData  # noqa: E402
 from lethe.search.memcontrol import (  # noqa: E402
-    checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, work,
+    checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, subset_name, work,
 )
 from lethe.tracking import connect, stage_run, tracking_uri  # noqa: E402
 
@@ -103,7 +104,8 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dic
     rows = [describe(t) | {"pareto": t.number in front, "chosen": t.number == chosen.number} for t in trials]
     write_json(CHOSEN_MASK, describe(chosen) | {
         "study": study.study_name, "family": cfg.family, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-        "policy": reason, "reference": full, "pareto_front": [r for r in rows if r["pareto"]]})
+        "policy": reason, "reference": full, "pareto_front": [r for r in rows if r["pareto"]],
+        "memorization_subset": subset_name(PreparedData.load(DATA))})
     write_json(PLOT, rows)
     with atomic_dir(REPORT) as tmp:
         pareto_png(study, chosen, full, tmp / "pareto.png")

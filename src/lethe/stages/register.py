@@ -32,13 +32,15 @@ def register(params) -> dict[str, str]:
             for key, value in metrics[variant].items():
                 client.set_model_version_tag(cfg.model_name, version.version, f"metric/{key}", str(value))
             versions[variant] = str(version.version)
-        aliases = {}
+        aliases, reasons = {}, {}
         if "baseline" in versions:
-            aliases["baseline"] = versions["baseline"]
-            aliases["champion"] = versions[choose_champion(metrics, "baseline", cfg)]
+            champion, reasons = choose_champion(metrics, "baseline", cfg)
+            aliases = {"baseline": versions["baseline"], "champion": versions[champion]}
+            for variant, reason in reasons.items():
+                client.set_model_version_tag(cfg.model_name, versions[variant], "policy", reason[:4000])
         for alias, version in aliases.items():
             client.set_registered_model_alias(cfg.model_name, alias, version)
-        summary = {"model": cfg.model_name, "versions": versions, "aliases": aliases}
+        summary = {"model": cfg.model_name, "versions": versions, "aliases": aliases, "policy": reasons}
         mlflow.log_dict(summary, "registry.json")
     write_json(REPORTS / "registry.json", summary)
     return summary

@@ -10,11 +10,12 @@ from __future__ import annotations
 import mlflow
 
 from lethe.evaluation.report import (
-    detection_section, html_table, load_metrics, markdown_table, tradeoff_png, tradeoff_points,
+    LEGEND, data_section, detection_section, html_page, load_metrics, markdown_table, tradeoff_png, tradeoff_points,
 )
 from lethe.files import write_json, write_text
 from lethe.methods import VARIANTS
 from lethe.paths import PLOTS, REPORTS
+from lethe.registry import choose_champion
 from lethe.search.summary import memcontrol_section
 from lethe.tracking import stage_run
 
@@ -23,12 +24,15 @@ def report(params) -> str:
     """Write the report; returns its table (markdown)."""
     metrics = load_metrics(VARIANTS)
     points = tradeoff_points(metrics)
-    write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + detection_section()
-               + memcontrol_section(metrics))
-    write_text(REPORTS / "report.html", html_table(metrics))
+    sections = detection_section() + memcontrol_section(metrics) + data_section()
+    write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + "\n" + LEGEND + "\n"
+               + sections)
+    _, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
+    galleries = {v: f"evaluate/{v}/gallery.png" for v in metrics if (REPORTS / "evaluate" / v / "gallery.png").exists()}
+    write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy))
     tradeoff_png(points, REPORTS / "tradeoff.png")
     write_json(PLOTS / "tradeoff.json", points)
-    with stage_run(params, stage="report", method="report", sections=("evaluate",), data_hash=""):
+    with stage_run(params, stage="report", method="report", sections=("evaluate", "registry"), data_hash=""):
         for name in ("report.md", "report.html", "tradeoff.png"):
             mlflow.log_artifact(str(REPORTS / name))
     return markdown_table(metrics)

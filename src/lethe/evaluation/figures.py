@@ -1,0 +1,80 @@
+"""Every figure of one prompt group, with its 95% interval, and its paired change against the baseline.
+
+A group's *outcomes* are per-generation arrays, prompt-major (generation_plan's order): whether each
+criterion calls it a copy, its top-1 similarity, its quality features, whether it shows its prompt's digit;
+and per prompt its diversity. They are kept (metrics/outcomes/<variant>.npz) so that a variant's figures
+can be bootstrapped *paired* with the baseline's: the same prompt draws for both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lethe.evaluation.intervals import Statistic, mean_of, paired, per_prompt, with_interval
+from lethe.evaluation.metrics import FeatureDistances
+
+# replication/<name>: the per-generation flag it averages
+RATES = {"rate": "copied", "sim_rate": "sim_copied", "nn_ratio_rate": "nn_ratio_copied",
+         "rel_l2_rate": "rel_l2_copied", "gu_published_rate": "gu_copied"}
+# figures compared with the baseline's on the same prompts: replication in every group, quality on holdout
+PAIRED = ("replication/rate", "quality/fd", "quality/kid", "quality/prompt_accuracy", "quality/clip_score")
+SET_STATISTICS = ("quality/fd", "quality/kid")  # intervals by random halves, not the bootstrap (intervals.py)
+
+
+def method(name: str) -> str:
+    return "halves" if name in SET_STATISTICS else "bootstrap"
+
+
+def statistics(outcomes: dict[str, np.ndarray], k: int, distances: FeatureDistances | None) -> dict[str, Statistic]:
+    """Each figure of the group as a function of the prompts drawn."""
+    def generations(rows: np.ndarray) -> np.ndarray:
+        return (rows[:, None] * k + np.arange(k)).ravel()
+
+    stats: dict[str, Statistic] = {f"replication/{name}": mean_of(per_prompt(outcomes[flag], k))
+                                   for name, flag in RATES.items()}
+    sim = outcomes["sim"]
+    stats["replication/sim_top1_mean"] = mean_of(per_prompt(sim, k))
+    stats["replication/sim_p95"] = lambda rows: float(np.quantile(sim[generations(rows)], 0.95))
+    if distances is not None:
+        features = torch.from_numpy(outcomes["features"])
+        stats["quality/fd"] = lambda rows: distances.frechet(features[generations(rows)])
+        stats["quality/kid"] = lambda rows: distances.kernel(features[generations(rows)])
+    if k > 1:
+        stats["quality/diversity"] = mean_of(outcomes["diversity"])
+    if "correct" in outcomes:
+        stats["quality/prompt_accuracy"] = mean_of(per_prompt(outcomes["correct"], k))
+    if "clip_score" in outcomes:
+        stats["quality/clip_score"] = mean_of(per_prompt(outcomes["clip_score"], k))
+    return stats
+
+
+def group_figures(group: str, stats: dict[str, Statistic], n_prompts: int, resamples: int) -> dict[str, float]:
+    """`<figure>/<group>` with `/low` and `/high` for every statistic."""
+    out: dict[str, float] = {}
+    for name, statistic in stats.items():
+        out |= with_interval(f"{name}/{group}", statistic, n_prompts, resamples, method(name))
+    return out
+
+
+def paired_figures(group: str, stats: dict[str, Statistic], baseline: dict[str, Statistic], n_prompts: int,
+                   resamples: int) -> dict[str, float]:
+    """`vs_baseline/<figure>/<group>/{diff,relative}` with intervals and significance, for PAIRED figures."""
+    out: dict[str, float] = {}
+    for name in PAIRED:
+        if name in stats and name in baseline and (group == "holdout" or name.startswith("replication/")):
+            out |= paired(f"{name}/{group}", stats[name], baseline[name], n_prompts, resamples, method(name))
+    return out
+
+
+def save_outcomes(path, outcomes: dict[str, dict[str, np.ndarray]]) -> None:
+    np.savez_compressed(path, **{f"{group}/{name}": v for group, o in outcomes.items() for name, v in o.items()})
+
+
+def load_outcomes(path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            group, name = key.split("/", 1)
+            out.setdefault(group, {})[name] = archive[key]
+    return out
