@@ -63,7 +63,8 @@ def copies_folder(root, pictures=30, copied=4, times=8, seed=0):
     rng = np.random.default_rng(seed)
     entries = []
     for p in range(pictures):
-        pixels = (np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)  # 64x64, blocky
+        small = Image.fromarray((rng.random((6, 6, 3)) * 255).astype(np.uint8))
+        pixels = np.asarray(small.resize((64, 64), Image.Resampling.BICUBIC))  # smooth, as a photo's large scales
         for c in range(times if p < copied else 1):
             name = f"p{p:02d}_c{c}.{'jpg' if c % 2 else 'png'}"
             Image.fromarray(pixels).save(root / name, **({"quality": 90} if c % 2 else {}))
@@ -73,10 +74,11 @@ def copies_folder(root, pictures=30, copied=4, times=8, seed=0):
     return root
 
 
-def test_copies_in_a_folder_are_found_kept_in_one_split_and_are_the_dup_group(tmp_path):
+@pytest.mark.parametrize("resolution", [16, 64])  # 64: compared averaged down to 32 px
+def test_copies_in_a_folder_are_found_kept_in_one_split_and_are_the_dup_group(tmp_path, resolution):
     folder = copies_folder(tmp_path / "imgs")
     for seed in range(5):
-        data = prepare(DataConfig(source="folder", folder=str(folder), resolution=16, channels=3,
+        data = prepare(DataConfig(source="folder", folder=str(folder), resolution=resolution, channels=3,
                                   target_size=12, holdout_size=8, seed=seed))
         by_picture = {}
         for r in data.records:

@@ -221,7 +221,7 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
 
 # Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
 PIPELINE = [
-    ["prepare"], ["featurizer"], ["pretrain"], ["shard"],
+    ["prepare"], ["featurizer"], ["calibrate"], ["pretrain"], ["shard"],
     *(["train", m] for m in METHODS if m != "memcontrol"),
     ["detect"], *(["mitigate", v] for v in MITIGATE), ["localize"], ["memcontrol"],
     ["train", "memcontrol"],
@@ -249,12 +249,16 @@ def test_pipeline_order_covers_dvc_yaml():
         assert position[made_by] < position[f"evaluate@{variant}"], variant
     assert position["memcontrol"] < position["train@memcontrol"]
     assert position["detect"] < position["mitigate@wen_inference"] < position["report"] < position["register"]
+    assert position["calibrate"] < position["detect"] and position["evaluate@baseline"] == min(
+        position[f"evaluate@{v}"] for v in VARIANTS)  # every variant is paired with the baseline's outcomes
 
 
 @pytest.mark.slow
 def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     """Every stage on the SD preset with a tiny random SD-shaped checkpoint and an image folder: the latent
-    path through training, mitigations, detection, localization, the MemControl search and the registry."""
+    path through training, mitigations, detection, localization, the MemControl search and the registry.
+    The folder has no copies and planting is off on a folder: every stage runs and says there is no dup
+    group instead of inventing one."""
     sd = build_tiny_sd(project / "sd")
     clip = tiny_open_clip(project)
     folder = write_image_folder(project / "images")
@@ -264,8 +268,7 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
              "precision": "32-true", "gradient_checkpointing": False}
     write_params(
         project / "params.yaml", SD_PRESET,
-        data={"folder": str(folder), "resolution": 16, "target_size": 8, "holdout_size": 4, "dup_share": 0.25,
-              "dup_factor": 3},
+        data={"folder": str(folder), "resolution": 16, "target_size": 8, "holdout_size": 4},
         model={"pretrained_path": str(sd)},
         pretrain=small,
         finetune={**small, "steps": 4, "warmup_steps": 1, "ema_decay": 0.9},
@@ -295,29 +298,34 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     assert not torch.equal(tuned["unet.conv_in.weight"], original["conv_in.weight"])
     assert len(list((project / ".lethe/latents").glob("*.safetensors"))) == 1
 
+    assert json.loads((project / "metrics/data.json").read_text())["data/dup_prompts"] == 0
     for variant in VARIANTS:
         metrics = json.loads((project / f"metrics/{variant}.json").read_text())
-        for group in ("dup", "unique", "holdout"):
+        assert metrics["prompts/dup"] == 0 and "replication/rate/dup" not in metrics
+        for group in ("unique", "holdout"):
             assert 0 <= metrics[f"quality/clip_score/{group}"] <= 100, variant  # a random tiny CLIP: often 0
             assert 0 <= metrics[f"replication/rate/{group}"] <= 1, variant
             assert np.isfinite(metrics[f"quality/fd/{group}"]), variant  # in open_clip's space: no featurizer
             assert f"quality/prompt_accuracy/{group}" not in metrics  # no labels in an image folder
         assert (project / f"reports/evaluate/{variant}/gallery.png").exists()
     baseline = json.loads((project / "metrics/baseline.json").read_text())
-    assert max(baseline[f"quality/clip_score/{g}"] for g in ("dup", "unique", "holdout")) > 0
+    assert max(baseline[f"quality/clip_score/{g}"] for g in ("unique", "holdout")) > 0
 
     detect = json.loads((project / "metrics/detect.json").read_text())
-    assert all(0 <= detect[f"detection/{s}/planted_auroc"] <= 1 for s in ("wen_first", "memattn_e", "nemo_ssim"))
+    assert detect["prompts/dup"] == 0 and detect["detection/wen_first/planted_auroc"] is None  # no dup group
     localized = json.loads((project / "metrics/localize.json").read_text())
     nemo = json.loads((project / "models/nemo/config.json").read_text())["nemo"]
     assert len(nemo["neurons"]) == localized["nemo/union_neurons"]
     chosen = json.loads((project / "search/memcontrol.json").read_text())
     trained = json.loads((project / "metrics/train/memcontrol.json").read_text())
     assert chosen["blocks"] and trained["cost/trainable_params"] == chosen["trainable_params"]
+    assert chosen["memorization_subset"] == "target (no dup group)"
     report = (project / "reports/report.md").read_text()
-    assert all(f"| {v} |" in report for v in VARIANTS)
+    assert all(f"| {v} |" in report for v in VARIANTS) and "There is no dup group" in report
     registry = json.loads((project / "reports/registry.json").read_text())
-    assert set(registry["versions"]) == set(VARIANTS) and "champion" in registry["aliases"]
+    assert set(registry["versions"]) == set(VARIANTS)
+    assert registry["aliases"]["champion"] == registry["aliases"]["baseline"]  # nothing to reduce: baseline stays
+    assert "no paired comparison" in registry["policy"]["loyal"]
 
 
 # ----------------------------------------------------------------------------------- DDP on CPU

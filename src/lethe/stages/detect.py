@@ -107,14 +107,15 @@ def roc_plot(scores: dict[str, torch.Tensor], measured: np.ndarray, groups: np.n
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for axis, title, mask, truth in ((axes[0], "measured: baseline replicates", np.ones_like(measured), measured),
                                      (axes[1], "planted: dup vs holdout", planted, groups == "dup")):
-        for name in SCORES:
-            if truth[mask].all() or not truth[mask].any():
-                continue
-            fpr, tpr, _ = roc_curve(truth[mask], scores[name].numpy()[mask])
-            axis.plot(fpr, tpr, label=name)
+        if truth[mask].all() or not truth[mask].any():  # e.g. no dup group: nothing to draw, and said so
+            axis.text(0.5, 0.5, "one class only: no curve", ha="center")
+        else:
+            for name in SCORES:
+                fpr, tpr, _ = roc_curve(truth[mask], scores[name].numpy()[mask])
+                axis.plot(fpr, tpr, label=name)
+            axis.legend(loc="lower right", fontsize=8)
         axis.plot([0, 1], [0, 1], color="grey", lw=0.5)
         axis.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
-        axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
