@@ -88,13 +88,13 @@ def test_evaluation_metrics_per_group(repo, reproduced):
         assert 0.0 <= metrics[f"quality/prompt_accuracy/{group}"] <= 1.0
         for name in ("replication/rate", "quality/fd", "quality/kid", "quality/prompt_accuracy"):
             key = f"{name}/{group}"
-            assert metrics[f"{key}/low"] <= metrics[key] <= metrics[f"{key}/high"], key
+            assert metrics[f"{key}/ci_low"] <= metrics[key] <= metrics[f"{key}/ci_high"], key
     variant = json.loads((repo / "metrics/loyal.json").read_text())
     for key in ("replication/rate/dup", "quality/fd/holdout", "quality/kid/holdout", "quality/prompt_accuracy/holdout"):
-        change = f"vs_baseline/{key}/diff"
-        assert variant[f"{change}/low"] <= variant[change] <= variant[f"{change}/high"], change
-        assert variant[change] == pytest.approx(variant[key] - metrics[key], abs=1e-9)
-        assert variant[f"vs_baseline/{key}/significant"] in (-1.0, 0.0, 1.0)
+        change = "vs_baseline/" + key.replace("/", "_")
+        assert variant[f"{change}/diff/ci_low"] <= variant[f"{change}/diff"] <= variant[f"{change}/diff/ci_high"], change
+        assert variant[f"{change}/diff"] == pytest.approx(variant[key] - metrics[key], abs=1e-9)
+        assert variant[f"{change}/significant"] in (-1.0, 0.0, 1.0)
     assert metrics["cost/seconds_per_image"] > 0 and metrics["cost/trainable_params"] > 0
     report = (repo / "reports/report.md").read_text()
     assert all(f"| {m} |" in report for m in VARIANTS)

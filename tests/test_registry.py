@@ -14,9 +14,9 @@ BASE = {RATE: 0.8, FD: 10.0, ACCURACY: 0.9}
 def paired(rate, fd=(0.0, -0.05, 0.05), accuracy=(0.0, -0.02, 0.02), point=0.1, fd_point=10.0):
     """A variant's metrics as evaluate writes them: paired change against the baseline, (point, low, high)."""
     m = {RATE: point, FD: fd_point, ACCURACY: 0.9}
-    for key, kind, (value, low, high) in ((RATE, "diff", rate), (FD, "relative", fd), (ACCURACY, "diff", accuracy)):
-        m |= {f"vs_baseline/{key}/{kind}": value, f"vs_baseline/{key}/{kind}/low": low,
-              f"vs_baseline/{key}/{kind}/high": high}
+    for name, (value, low, high) in (("vs_baseline/replication_rate_dup/diff", rate), ("vs_baseline/quality_fd_holdout", fd),
+                                     ("vs_baseline/quality_prompt_accuracy_holdout/diff", accuracy)):
+        m |= {name: value, f"{name}/ci_low": low, f"{name}/ci_high": high}
     return m
 
 

@@ -4,12 +4,12 @@ from lethe.evaluation.report import markdown_table
 
 
 def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
-    base = {"replication/rate/dup": 0.4, "replication/rate/dup/low": 0.3, "replication/rate/dup/high": 0.5}
-    loyal = {"replication/rate/dup": 0.1, "replication/rate/dup/low": 0.05, "replication/rate/dup/high": 0.2,
-             "vs_baseline/replication/rate/dup/relative": -0.75, "vs_baseline/replication/rate/dup/relative/low": -0.9,
-             "vs_baseline/replication/rate/dup/relative/high": -0.5, "vs_baseline/replication/rate/dup/significant": -1.0,
-             "vs_baseline/quality/fd/holdout/relative": 0.05, "vs_baseline/quality/fd/holdout/relative/low": -0.1,
-             "vs_baseline/quality/fd/holdout/relative/high": 0.2, "vs_baseline/quality/fd/holdout/significant": 0.0}
+    base = {"replication/rate/dup": 0.4, "replication/rate/dup/ci_low": 0.3, "replication/rate/dup/ci_high": 0.5}
+    loyal = {"replication/rate/dup": 0.1, "replication/rate/dup/ci_low": 0.05, "replication/rate/dup/ci_high": 0.2,
+             "vs_baseline/replication_rate_dup": -0.75, "vs_baseline/replication_rate_dup/ci_low": -0.9,
+             "vs_baseline/replication_rate_dup/ci_high": -0.5, "vs_baseline/replication_rate_dup/significant": -1.0,
+             "vs_baseline/quality_fd_holdout": 0.05, "vs_baseline/quality_fd_holdout/ci_low": -0.1,
+             "vs_baseline/quality_fd_holdout/ci_high": 0.2, "vs_baseline/quality_fd_holdout/significant": 0.0}
     table = markdown_table({"baseline": base, "loyal": loyal})
     assert "| baseline | 0.400 [0.300, 0.500] | – |" in table
     assert "| loyal | 0.100 [0.050, 0.200] | -75% [-90%, -50%] * |" in table

@@ -17,16 +17,18 @@ import hashlib
 from pathlib import Path
 
 from lethe.config import RegistryConfig
+from lethe.evaluation.intervals import HIGH, LOW, change_key
 from lethe.files import content_hash
 
 RATE, FD, ACCURACY = "replication/rate/dup", "quality/fd/holdout", "quality/prompt_accuracy/holdout"
 
 
 def _paired(m: dict[str, float], key: str, kind: str) -> tuple[float, float, float] | None:
-    prefix = f"vs_baseline/{key}/{kind}"
-    if prefix not in m or m.get(f"{prefix}/low") is None:
+    """A paired change with its interval: kind "diff" (absolute) or "relative"."""
+    prefix = change_key(key) + ("/diff" if kind == "diff" else "")
+    if prefix not in m or m.get(f"{prefix}/{LOW}") is None:
         return None
-    return m[prefix], m[f"{prefix}/low"], m[f"{prefix}/high"]
+    return m[prefix], m[f"{prefix}/{LOW}"], m[f"{prefix}/{HIGH}"]
 
 
 def verdict(candidate: dict[str, float], cfg: RegistryConfig) -> tuple[bool, str]:

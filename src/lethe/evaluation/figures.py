@@ -50,7 +50,7 @@ def statistics(outcomes: dict[str, np.ndarray], k: int, distances: FeatureDistan
 
 
 def group_figures(group: str, stats: dict[str, Statistic], n_prompts: int, resamples: int) -> dict[str, float]:
-    """`<figure>/<group>` with `/low` and `/high` for every statistic."""
+    """`<figure>/<group>` with `/ci_low` and `/ci_high` for every statistic."""
     out: dict[str, float] = {}
     for name, statistic in stats.items():
         out |= with_interval(f"{name}/{group}", statistic, n_prompts, resamples, method(name))
@@ -59,7 +59,8 @@ def group_figures(group: str, stats: dict[str, Statistic], n_prompts: int, resam
 
 def paired_figures(group: str, stats: dict[str, Statistic], baseline: dict[str, Statistic], n_prompts: int,
                    resamples: int) -> dict[str, float]:
-    """`vs_baseline/<figure>/<group>/{diff,relative}` with intervals and significance, for PAIRED figures."""
+    """`vs_baseline/<figure>_<group>` (relative) and `.../diff` with intervals, and `.../significant`, for
+    the PAIRED figures."""
     out: dict[str, float] = {}
     for name in PAIRED:
         if name in stats and name in baseline and (group == "holdout" or name.startswith("replication/")):

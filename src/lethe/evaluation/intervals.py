@@ -21,6 +21,13 @@ from typing import Callable
 import numpy as np
 
 ALPHA = 0.05
+LOW, HIGH = "ci_low", "ci_high"  # `<figure>/ci_low`, `<figure>/ci_high`: the names DESIGN.md gives
+
+
+def change_key(key: str) -> str:
+    """Where a figure's paired change against the baseline is kept: `replication/rate/dup` ->
+    `vs_baseline/replication_rate_dup` (relative change), `.../diff` (difference), `.../significant`."""
+    return "vs_baseline/" + key.replace("/", "_")
 
 # statistic of a set of prompts: receives the rows (prompt indices) drawn, returns one number
 Statistic = Callable[[np.ndarray], float]
@@ -41,7 +48,7 @@ def interval(statistic: Statistic, n_prompts: int, n: int, seed: int = 0, method
     """The statistic on all prompts, and its 95% interval: percentile bootstrap, or for a set statistic
     (method "halves") the point plus the centred quantiles of the half-sample figures."""
     out = with_intervals(lambda rows: {"x": statistic(rows)}, n_prompts, n, seed, method)
-    return out["x"], out["x/low"], out["x/high"]
+    return out["x"], out[f"x/{LOW}"], out[f"x/{HIGH}"]
 
 
 def with_intervals(statistics: Callable[[np.ndarray], dict[str, float]], n_prompts: int, n: int,
@@ -57,7 +64,7 @@ def with_intervals(statistics: Callable[[np.ndarray], dict[str, float]], n_promp
         if method == "halves" and len(values):
             values = value + values - values.mean()
         low, high = np.quantile(values, [ALPHA / 2, 1 - ALPHA / 2]) if len(values) and n_prompts > 1 else (float("nan"),) * 2
-        out |= {key: value, f"{key}/low": float(low), f"{key}/high": float(high)}
+        out |= {key: value, f"{key}/{LOW}": float(low), f"{key}/{HIGH}": float(high)}
     return out
 
 
@@ -68,22 +75,24 @@ def mean_of(per_prompt: np.ndarray) -> Statistic:
 
 
 def with_interval(key: str, statistic: Statistic, n_prompts: int, n: int, method: str = "bootstrap") -> dict[str, float]:
-    """`key`, `key/low` and `key/high`: the point figure and its interval."""
+    """`key`, `key/ci_low` and `key/ci_high`: the point figure and its interval."""
     point, low, high = interval(statistic, n_prompts, n, method=method)
-    return {key: point, f"{key}/low": low, f"{key}/high": high}
+    return {key: point, f"{key}/{LOW}": low, f"{key}/{HIGH}": high}
 
 
 def paired(key: str, variant: Statistic, baseline: Statistic, n_prompts: int, n: int,
            method: str = "bootstrap") -> dict[str, float]:
     """The change against the baseline on the same prompts, absolute and relative, each with its interval,
     and whether the absolute difference's interval excludes 0 (+1 higher, -1 lower, 0 not significant)."""
+    name = change_key(key)
+
     def changes(rows):
         v, b = variant(rows), baseline(rows)
-        return {f"vs_baseline/{key}/diff": v - b, f"vs_baseline/{key}/relative": v / b - 1.0 if b else float("nan")}
+        return {f"{name}/diff": v - b, name: v / b - 1.0 if b else float("nan")}
 
     out = with_intervals(changes, n_prompts, n, method=method)
-    low, high = out[f"vs_baseline/{key}/diff/low"], out[f"vs_baseline/{key}/diff/high"]
-    out[f"vs_baseline/{key}/significant"] = float(np.sign(low) if np.sign(low) == np.sign(high) else 0.0)
+    low, high = out[f"{name}/diff/{LOW}"], out[f"{name}/diff/{HIGH}"]
+    out[f"{name}/significant"] = float(np.sign(low) if np.sign(low) == np.sign(high) else 0.0)
     return out
 
 

@@ -12,22 +12,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lethe.evaluation.intervals import HIGH, LOW  # noqa: E402
 from lethe.files import variant_metrics  # noqa: E402
 from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
-# (`<key>/low`, `<key>/high`); a change against the baseline is paired (same prompts and seeds), and
-# marked * where its interval excludes no change.
+# (`<key>/ci_low`, `<key>/ci_high`); a change against the baseline is paired (same prompts and seeds),
+# and marked * where its difference's interval excludes 0.
 COLUMNS = (
     ("replication rate (dup)", "replication/rate/dup"),
-    ("dup rate vs baseline", "vs_baseline/replication/rate/dup/relative"),
+    ("dup rate vs baseline", "vs_baseline/replication_rate_dup"),
     ("replication rate (unique)", "replication/rate/unique"),
     ("replication rate (holdout)", "replication/rate/holdout"),
     ("FD (holdout)", "quality/fd/holdout"),
-    ("FD vs baseline", "vs_baseline/quality/fd/holdout/relative"),
+    ("FD vs baseline", "vs_baseline/quality_fd_holdout"),
     ("KID (holdout)", "quality/kid/holdout"),
     ("prompt accuracy (holdout)", "quality/prompt_accuracy/holdout"),
-    ("accuracy vs baseline", "vs_baseline/quality/prompt_accuracy/holdout/diff"),
+    ("accuracy vs baseline", "vs_baseline/quality_prompt_accuracy_holdout/diff"),
     ("Gu 1/3 rate (dup)", "replication/gu_published_rate/dup"),
     ("top-1 sim p95 (dup)", "replication/sim_p95/dup"),
     ("diversity (holdout)", "quality/diversity/holdout"),
@@ -46,11 +47,11 @@ def significance(values: dict[str, float], key: str) -> float | None:
     """+1 / -1 where a paired change is significant, 0 where not; None for a figure that is not a change."""
     if not key.startswith("vs_baseline/"):
         return None
-    return values.get(key.rsplit("/", 1)[0] + "/significant")
+    return values.get(key.removesuffix("/diff") + "/significant")
 
 
 def _number(value: float, key: str) -> str:
-    if key.endswith("/relative"):
+    if key.startswith("vs_baseline/") and not key.endswith("/diff"):  # a relative change
         return f"{value:+.0%}"
     if key.startswith("vs_baseline/"):
         return f"{value:+.3f}"
@@ -63,7 +64,7 @@ def _cell(value, key: str = "", values: dict[str, float] | None = None) -> str:
         return "–"
     text = _number(value, key)
     values = values or {}
-    low, high = values.get(f"{key}/low"), values.get(f"{key}/high")
+    low, high = values.get(f"{key}/{LOW}"), values.get(f"{key}/{HIGH}")
     if low is not None and high is not None:
         text += f" [{_number(low, key)}, {_number(high, key)}]"
     if significance(values, key):
@@ -95,8 +96,8 @@ def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, gall
         cells = []
         for _, key in COLUMNS:
             sign = significance(values, key)
-            better = "worse" if key.startswith("vs_baseline/quality/fd") or key.startswith("vs_baseline/replication") else "better"
-            cls = "" if not sign else (" class='good'" if (sign > 0) == (better == "better") else " class='bad'")
+            higher_is_worse = key.startswith(("vs_baseline/quality_fd", "vs_baseline/quality_kid", "vs_baseline/replication"))
+            cls = "" if not sign else (" class='good'" if (sign < 0) == higher_is_worse else " class='bad'")
             cells.append(f"<td{cls}>{html.escape(_cell(values.get(key), key, values))}</td>")
         rows.append(f"<tr><th>{html.escape(variant)}</th>{''.join(cells)}</tr>")
     verdicts = "".join(f"<li><b>{html.escape(v)}</b>: {html.escape(r)}</li>" for v, r in (policy or {}).items())
@@ -130,9 +131,9 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 
 
 def tradeoff_points(metrics: dict[str, dict[str, float]]) -> list[dict]:
-    return [{"variant": v, "fd": m.get(TRADEOFF_X), "fd_low": m.get(f"{TRADEOFF_X}/low"), "fd_high": m.get(f"{TRADEOFF_X}/high"),
-             "replication_rate": m.get(TRADEOFF_Y), "replication_rate_low": m.get(f"{TRADEOFF_Y}/low"),
-             "replication_rate_high": m.get(f"{TRADEOFF_Y}/high")} for v, m in metrics.items()]
+    return [{"variant": v, "fd": m.get(TRADEOFF_X), "fd_low": m.get(f"{TRADEOFF_X}/{LOW}"), "fd_high": m.get(f"{TRADEOFF_X}/{HIGH}"),
+             "replication_rate": m.get(TRADEOFF_Y), "replication_rate_low": m.get(f"{TRADEOFF_Y}/{LOW}"),
+             "replication_rate_high": m.get(f"{TRADEOFF_Y}/{HIGH}")} for v, m in metrics.items()]
 
 
 def tradeoff_png(points: list[dict], path: Path) -> None:
