@@ -96,3 +96,15 @@ def test_kid_is_torchmetrics_unbiased_mmd_on_the_same_subsets():
     assert distances.kernel(fake) == pytest.approx(expected, rel=1e-9)
     same = torch.from_numpy(rng.normal(size=(20, 6)))
     assert distances.kernel(fake) > 0 and distances.kernel(fake) > distances.kernel(same)  # shifted: farther
+
+
+def test_a_set_statistic_is_judged_on_the_interval_of_its_relative_change():
+    # FD on a half of the prompts is inflated by a factor that depends on the half, for both models alike:
+    # the difference swings with it and its centred interval reaches 0; the ratio stays at +50%
+    def base_fd(rows):
+        return 10.0 * (1 + 4 * ((rows * 7919).sum() % 101) / 100) * (2 if len(rows) < 40 else 1)
+
+    out = paired("quality/fd/holdout", lambda rows: 1.5 * base_fd(rows), base_fd, 40, 200, method="halves")
+    assert out["vs_baseline/quality_fd_holdout/diff/ci_low"] < 0 < out["vs_baseline/quality_fd_holdout/ci_low"]
+    assert out["vs_baseline/quality_fd_holdout"] == pytest.approx(0.5)
+    assert out["vs_baseline/quality_fd_holdout/significant"] == 1.0

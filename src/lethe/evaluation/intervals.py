@@ -83,7 +83,8 @@ def with_interval(key: str, statistic: Statistic, n_prompts: int, n: int, method
 def paired(key: str, variant: Statistic, baseline: Statistic, n_prompts: int, n: int,
            method: str = "bootstrap") -> dict[str, float]:
     """The change against the baseline on the same prompts, absolute and relative, each with its interval,
-    and whether the absolute difference's interval excludes 0 (+1 higher, -1 lower, 0 not significant)."""
+    and whether it is significant (+1 higher, -1 lower, 0 inside the noise): whether the difference's
+    interval excludes 0 (the relative change's, for a set statistic's half-sample intervals)."""
     name = change_key(key)
 
     def changes(rows):
@@ -91,7 +92,11 @@ def paired(key: str, variant: Statistic, baseline: Statistic, n_prompts: int, n:
         return {f"{name}/diff": v - b, name: v / b - 1.0 if b else float("nan")}
 
     out = with_intervals(changes, n_prompts, n, method=method)
-    low, high = out[f"{name}/diff/{LOW}"], out[f"{name}/diff/{HIGH}"]
+    # a bootstrap draw's difference and ratio have the same sign, so either interval decides; the centred
+    # half-sample intervals of a set statistic differ, and its ratio is the steadier (a half inflates
+    # FD for both models alike, multiplicatively), the one the report shows and the policy reads
+    judged = f"{name}/diff" if method == "bootstrap" else name
+    low, high = out[f"{judged}/{LOW}"], out[f"{judged}/{HIGH}"]
     out[f"{name}/significant"] = float(np.sign(low) if np.sign(low) == np.sign(high) else 0.0)
     return out
 
