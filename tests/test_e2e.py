@@ -104,7 +104,9 @@ def test_evaluation_metrics_per_group(repo, reproduced):
     assert points[0]["variant"] == "baseline" and points[0]["fd"] == metrics["quality/fd/holdout"]
     assert points[0]["replication_rate"] == metrics["replication/rate/dup"]
     page = (repo / "reports/report.html").read_text()
-    assert "Champion policy" in page and "evaluate/baseline/gallery.png" in page and "[" in page
+    registry = json.loads((repo / "reports/registry.json").read_text())
+    champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
+    assert f"Champion: <b>{champion}</b>" in page and "evaluate/baseline/gallery.png" in page and "[" in page
 
 
 def test_mitigations_log_their_own_metrics(repo, reproduced):

@@ -87,7 +87,7 @@ LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompt
 
 
 def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, galleries: dict[str, str],
-              policy: dict[str, str] | None = None) -> str:
+              policy: dict[str, str] | None = None, champion: str | None = None) -> str:
     """The report as one page a person reads: the table with intervals, the trade-off plot, the policy's
     verdicts, the other sections, and each variant's gallery (paths relative to reports/)."""
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
@@ -120,7 +120,11 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 <div style="overflow-x:auto"><table><tr><th>variant</th>{head}</tr>{"".join(rows)}</table></div>
 <h2>Memorization against quality</h2>
 <img src="tradeoff.png" alt="dup replication rate against FD, with intervals">
-<h2>Champion policy</h2><ul>{verdicts or "<li>the register stage has not run</li>"}</ul>
+<h2>Champion policy</h2>
+<p>Champion: <b>{html.escape(champion or "none yet")}</b>. A variant qualifies when its dup replication falls
+significantly and its quality loss is not significantly beyond the registry's tolerances; the lowest dup
+rate among the qualified wins, a tie going to the lower FD.</p>
+<ul>{verdicts or "<li>no baseline metrics: nothing to compare with</li>"}</ul>
 <h2>Detection, calibration, data</h2>
 <pre>{html.escape(sections_markdown)}</pre>
 <h2>Galleries</h2>

@@ -27,9 +27,9 @@ def report(params) -> str:
     sections = detection_section() + memcontrol_section(metrics) + data_section()
     write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + "\n" + LEGEND + "\n"
                + sections)
-    _, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
+    champion, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
     galleries = {v: f"evaluate/{v}/gallery.png" for v in metrics if (REPORTS / "evaluate" / v / "gallery.png").exists()}
-    write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy))
+    write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy, champion))
     tradeoff_png(points, REPORTS / "tradeoff.png")
     write_json(PLOTS / "tradeoff.json", points)
     with stage_run(params, stage="report", method="report", sections=("evaluate", "registry"), data_hash=""):
