@@ -107,6 +107,7 @@ def test_evaluation_metrics_per_group(repo, reproduced):
     registry = json.loads((repo / "reports/registry.json").read_text())
     champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
     assert f"Champion: <b>{champion}</b>" in page and "evaluate/baseline/gallery.png" in page and "[" in page
+    assert "#/experiments/1?workflowType=machine_learning" in page  # opens MLflow on the training runs
 
 
 def test_mitigations_log_their_own_metrics(repo, reproduced):

@@ -87,7 +87,7 @@ LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompt
 
 
 def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, galleries: dict[str, str],
-              policy: dict[str, str] | None = None, champion: str | None = None) -> str:
+              policy: dict[str, str] | None = None, champion: str | None = None, mlflow_runs: str = "") -> str:
     """The report as one page a person reads: the table with intervals, the trade-off plot, the policy's
     verdicts, the other sections, and each variant's gallery (paths relative to reports/)."""
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
@@ -117,6 +117,8 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 </style></head><body>
 <h1>lethe: variants compared</h1>
 <p>{html.escape(LEGEND)} Green: a significant improvement; red: a significant loss.</p>
+<p>Every run in MLflow: with <code>mlflow ui</code> running, open <code>http://127.0.0.1:5000/{html.escape(mlflow_runs)}</code>
+(the experiment's training runs).</p>
 <div style="overflow-x:auto"><table><tr><th>variant</th>{head}</tr>{"".join(rows)}</table></div>
 <h2>Memorization against quality</h2>
 <img src="tradeoff.png" alt="dup replication rate against FD, with intervals">

@@ -29,10 +29,13 @@ def report(params) -> str:
                + sections)
     champion, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
     galleries = {v: f"evaluate/{v}/gallery.png" for v in metrics if (REPORTS / "evaluate" / v / "gallery.png").exists()}
-    write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy, champion))
     tradeoff_png(points, REPORTS / "tradeoff.png")
     write_json(PLOTS / "tradeoff.json", points)
-    with stage_run(params, stage="report", method="report", sections=("evaluate", "registry"), data_hash=""):
+    with stage_run(params, stage="report", method="report", sections=("evaluate", "registry"), data_hash="") as run:
+        # MLflow 3.17's UI picks its GenAI or model-training view from this query (else from the browser's
+        # last choice, GenAI at first), not from the experiment's kind tag, which lethe also sets
+        runs = f"#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
+        write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy, champion, runs))
         for name in ("report.md", "report.html", "tradeoff.png"):
             mlflow.log_artifact(str(REPORTS / name))
     return markdown_table(metrics)
