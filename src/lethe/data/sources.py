@@ -79,9 +79,9 @@ def _load_resized(file: Path, resolution: int, channels: int) -> np.ndarray:
             image = image.crop((left, top, left + side, top + side))
             image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
             array = np.asarray(image, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise LetheError(f"{file}: larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-                         f"({str(exc).split('pixels')[0].split('(')[-1].strip()} pixels); shrink it or remove it from metadata.jsonl")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise LetheError(f"{file}: larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels; "
+                         "shrink it or remove it from metadata.jsonl")
     except (UnidentifiedImageError, OSError) as exc:
         raise LetheError(f"{file}: unreadable image ({type(exc).__name__}); fix or remove it from metadata.jsonl")
     return array[None] if channels == 1 else array.transpose(2, 0, 1)

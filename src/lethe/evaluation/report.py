@@ -13,7 +13,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lethe.evaluation.intervals import HIGH, LOW  # noqa: E402
-from lethe.files import variant_metrics  # noqa: E402
 from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
@@ -37,10 +36,6 @@ COLUMNS = (
     ("s / image", "cost/seconds_per_image"),
 )
 TRADEOFF_X, TRADEOFF_Y = "quality/fd/holdout", "replication/rate/dup"
-
-
-def load_metrics(variants) -> dict[str, dict[str, float]]:
-    return variant_metrics(variants)
 
 
 def significance(values: dict[str, float], key: str) -> float | None:

@@ -92,8 +92,8 @@ def memorization_subset(data: PreparedData) -> list:
     return [r for r in data.pictures("target") if r.dup_count > 1] or data.pictures("target")
 
 
-def subset_name(data: PreparedData) -> str:
-    return "dup" if any(r.dup_count > 1 for r in data.pictures("target")) else "target (no dup group)"
+def subset_name(memorized: list) -> str:
+    return "dup" if memorized[0].dup_count > 1 else "target (no dup group)"
 
 
 def storage(params: Params, name: str):

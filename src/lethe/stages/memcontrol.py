@@ -27,7 +27,6 @@ from filelock import FileLock  # noqa: E402
 from lethe.config import Params  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.paths import CHOSEN_MASK, DATA, PLOTS, REPORTS, SEARCH_METRICS  # noqa: E402
-from lethe.data.prepared import PreparedData  # noqa: E402
 from lethe.search.memcontrol import (  # noqa: E402
     checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, subset_name, work,
 )
@@ -88,14 +87,14 @@ def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | 
             codes = [helper.wait() for helper in helpers]
         if any(codes):
             raise RuntimeError(f"a memcontrol worker failed (exit codes {codes}); re-run to resume the study")
-        summary = write_outputs(params, study, full) | {"memcontrol/trials_run_here": float(ran)}
+        summary = write_outputs(params, study, full, subset_name(inputs.memorized)) | {"memcontrol/trials_run_here": float(ran)}
         shutil.rmtree(checkpoint_root(inputs), ignore_errors=True)  # nothing left to resume
         mlflow.log_metrics(summary)
         mlflow.log_artifacts(str(REPORT), "memcontrol")
     return summary
 
 
-def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dict[str, float]:
+def write_outputs(params: Params, study: optuna.Study, full: dict | None, subset: str) -> dict[str, float]:
     """The chosen mask (train@memcontrol's input), the Pareto front (plot, DVC plot) and summary metrics."""
     cfg = params.memcontrol
     trials = completed(study)
@@ -105,7 +104,7 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None) -> dic
     write_json(CHOSEN_MASK, describe(chosen) | {
         "study": study.study_name, "family": cfg.family, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
         "policy": reason, "reference": full, "pareto_front": [r for r in rows if r["pareto"]],
-        "memorization_subset": subset_name(PreparedData.load(DATA))})
+        "memorization_subset": subset})
     write_json(PLOT, rows)
     with atomic_dir(REPORT) as tmp:
         pareto_png(study, chosen, full, tmp / "pareto.png")

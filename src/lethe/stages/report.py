@@ -10,9 +10,9 @@ from __future__ import annotations
 import mlflow
 
 from lethe.evaluation.report import (
-    LEGEND, data_section, detection_section, html_page, load_metrics, markdown_table, tradeoff_png, tradeoff_points,
+    LEGEND, data_section, detection_section, html_page, markdown_table, tradeoff_png, tradeoff_points,
 )
-from lethe.files import write_json, write_text
+from lethe.files import variant_metrics, write_json, write_text
 from lethe.methods import VARIANTS
 from lethe.paths import PLOTS, REPORTS
 from lethe.registry import choose_champion
@@ -22,7 +22,7 @@ from lethe.tracking import stage_run
 
 def report(params) -> str:
     """Write the report; returns its table (markdown)."""
-    metrics = load_metrics(VARIANTS)
+    metrics = variant_metrics(VARIANTS)
     points = tradeoff_points(metrics)
     sections = detection_section() + memcontrol_section(metrics) + data_section()
     write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + "\n" + LEGEND + "\n"
