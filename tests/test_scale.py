@@ -226,7 +226,7 @@ PIPELINE = [
     ["detect"], *(["mitigate", v] for v in MITIGATE), ["localize"], ["memcontrol"],
     ["train", "memcontrol"],
     *(["evaluate", v] for v in VARIANTS),
-    ["report"], ["register"],
+    ["report"], ["register"], ["audit", "baseline"], ["audit", "champion"],
 ]
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
-from lethe.methods import METHODS, MITIGATE, VARIANTS
+# the model hub's loading bars ("Loading weights") are noise beside the stages' own progress; read at import
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from lethe.methods import METHODS, MITIGATE, VARIANTS  # noqa: E402
 
 # stage: its help line; every stage is `lethe.stages.<stage>.<stage>(params, ...)`
 STAGES = {
@@ -30,6 +34,7 @@ STAGES = {
     "report": "compare every variant: table and trade-off plot",
     "register": "register every variant in the MLflow registry, move aliases",
     "promote": "move a registry alias by hand (champion must pass the policy)",
+    "audit": "which training images a model reproduces: a variant, or a model you bring",
 }
 # not a stage: writes params.yaml from a preset, every section filled in
 PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/, every section filled in"
@@ -53,6 +58,16 @@ def parser() -> argparse.ArgumentParser:
     memcontrol = commands["memcontrol"]
     memcontrol.add_argument("--workers", type=_positive, default=None, help="worker processes sharing the study (default: memcontrol.workers)")
     memcontrol.add_argument("--join", action="store_true", help="only add a worker to the study (no outputs)")
+    audit = commands["audit"]
+    audit.add_argument("variant", nargs="?", choices=(*VARIANTS, "champion"),
+                       help="a variant of this pipeline, or champion (the registry's); else --model and --images")
+    audit.add_argument("--model", help="a lethe model directory or a diffusers Stable Diffusion pipeline directory")
+    audit.add_argument("--lora", help="LoRA weights for --model (diffusers' pytorch_lora_weights.safetensors)")
+    audit.add_argument("--images", help="the training images: a folder with metadata.jsonl (file_name, text)")
+    audit.add_argument("--holdout", help="held-out images of the same domain (a folder like --images): calibrates the threshold")
+    audit.add_argument("--prompts", help="extra prompts to audit, one per line")
+    audit.add_argument("--name", help="the report's name: reports/audit/<name>/ (default: the model directory's name)")
+    audit.add_argument("--full", action="store_true", help="generate for every prompt (default: audit.mode)")
     promote = commands["promote"]
     promote.add_argument("model")
     promote.add_argument("version")
@@ -71,6 +86,12 @@ def arguments(args: argparse.Namespace) -> tuple:
         return (args.params, args.workers, args.join)
     if args.stage == "promote":
         return (args.model, args.version, args.alias, args.force)
+    if args.stage == "audit":
+        from lethe.errors import LetheError
+
+        if args.variant and (args.model or args.images or args.lora or args.holdout):
+            raise LetheError("lethe audit: give a variant or --model and --images, not both")
+        return (args.variant, args.model, args.lora, args.images, args.holdout, args.prompts, args.name, args.full)
     return ()
 
 

@@ -90,3 +90,15 @@ def content_hash(path: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """md5 over each file's path, size and modification time: a cheap key that changes when any file is
+    replaced, for inputs too large to hash on every run (a Stable Diffusion pipeline)."""
+    digest = hashlib.md5()
+    for root in paths:
+        root = Path(root).resolve()
+        for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+            stat = file.stat()
+            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()

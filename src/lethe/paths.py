@@ -43,3 +43,16 @@ def train_metrics_file(variant: str) -> Path:
 def outcomes_file(variant: str) -> Path:
     """evaluate: per-generation outcomes, the baseline's paired with every other variant's."""
     return METRICS / "outcomes" / f"{variant}.npz"
+
+
+REGISTRY = REPORTS / "registry.json"  # register: versions, aliases and the policy's verdicts
+AUDIT_CACHE = Path(".lethe/audit")  # audit: generations per batch, so a killed audit resumes
+
+
+def audit_dir(name: str) -> Path:
+    """audit: `audit.json`, `index.html` and `risk.png` of one audited model."""
+    return REPORTS / "audit" / name
+
+
+def audit_summary(name: str) -> Path:
+    return REPORTS / "audit" / f"{name}.json"

@@ -65,6 +65,12 @@ class SmallTextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return clip_tokenizer()(list(prompts), context_length=self.context_length)
 
+    def known_tokens(self, prompts: list[str]) -> int:
+        """How many of the prompts' tokens have their own embedding row (not start, end or unknown)."""
+        ids = self.tokenize(prompts)
+        special = (ids == 0) | (ids == clip_tokenizer().sot_token_id) | (ids == self.end_token_id)
+        return int(((self.row_of[ids] != UNKNOWN_ROW) & ~special).sum())
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(self.row_of[ids]) + self.position_embedding
         x = self.transformer(x, mask=self.causal_mask, is_causal=True)
@@ -94,6 +100,12 @@ class ClipTextEncoder(nn.Module):
             list(prompts), padding="max_length", truncation=True,
             max_length=self.tokenizer.model_max_length, return_tensors="pt",
         ).input_ids
+
+    def known_tokens(self, prompts: list[str]) -> int:
+        """How many of the prompts' tokens the tokenizer knows (not special, not its unknown token)."""
+        ids = self.tokenize(prompts)
+        special = torch.tensor(self.tokenizer.all_special_ids)
+        return int((~torch.isin(ids, special)).sum())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).last_hidden_state

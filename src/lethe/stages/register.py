@@ -7,7 +7,7 @@ import mlflow
 
 from lethe.files import variant_metrics, write_json
 from lethe.methods import VARIANTS
-from lethe.paths import REPORTS, model_dir
+from lethe.paths import REGISTRY, model_dir
 from lethe.pyfunc import log_pyfunc
 from lethe.registry import choose_champion, existing_version, model_hash
 from lethe.tracking import stage_run
@@ -42,5 +42,5 @@ def register(params) -> dict[str, str]:
             client.set_registered_model_alias(cfg.model_name, alias, version)
         summary = {"model": cfg.model_name, "versions": versions, "aliases": aliases, "policy": reasons}
         mlflow.log_dict(summary, "registry.json")
-    write_json(REPORTS / "registry.json", summary)
+    write_json(REGISTRY, summary)
     return summary

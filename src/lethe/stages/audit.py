@@ -1,0 +1,246 @@
+"""`lethe audit`: which of the training images does a model reproduce, and from which prompts?
+
+Two ways in:
+- `lethe audit <variant>` (and `champion`, the registry's): a model of this pipeline, audited on the
+  prepared target split, with the holdout split calibrating the threshold (the DVC stages `audit@*`);
+- `lethe audit --model DIR [--lora FILE] --images FOLDER [--holdout FOLDER] [--prompts FILE] --name NAME`:
+  a model a user brings (a lethe model, a diffusers pipeline, or one plus LoRA weights) and the image
+  folder it was fine-tuned on (`metadata.jsonl` with `file_name` and `text`).
+
+The algorithm is in `lethe.memorization.audit`. Writes `reports/audit/<name>/` (`audit.json`, `index.html`,
+`risk.png`) and `reports/audit/<name>.json` (the summary), and logs the run `audit@<name>` to MLflow.
+Generations are kept per batch under `.lethe/audit/<name>/`, so a killed audit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lethe.config import Params
+from lethe.errors import LetheError
+from lethe.files import atomic_dir, fingerprint, write_json
+from lethe.memorization.audit import (
+    Judged, binomial_interval, calibrated_threshold, relative_l2_of_nearest, reproduced_share, select,
+)
+from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
+from lethe.progress import progress
+
+
+@dataclass
+class TrainingImages:
+    """What the model was fine-tuned on, and held-out images of the same domain (None: none given)."""
+
+    pixels: torch.Tensor  # N x C x H x W in [-1, 1]
+    captions: list[str]
+    names: list[str]
+    holdout: torch.Tensor | None
+    source: str  # where they came from, for the page
+    planted: np.ndarray | None = None  # the embedded default's ground truth: planted duplicates
+
+
+def champion_variant() -> str:
+    """The variant the registry's `champion` alias points at (`reports/registry.json`, from `lethe register`)."""
+    if not REGISTRY.exists():
+        raise LetheError(f"{REGISTRY}: missing; run `dvc repro register` first (it chooses the champion)")
+    registry = json.loads(REGISTRY.read_text())
+    champion = registry.get("aliases", {}).get("champion")
+    for variant, version in registry.get("versions", {}).items():
+        if version == champion:
+            return variant
+    raise LetheError(f"{REGISTRY}: no variant holds the 'champion' alias")
+
+
+def pipeline_images() -> TrainingImages:
+    """The prepared target split, one image per picture, and the holdout split."""
+    from lethe.data.prepared import PreparedData
+
+    data = PreparedData.load(DATA)
+    target = data.pictures("target")
+    return TrainingImages(data.tensor([r.id for r in target]), [r.caption for r in target], [r.source for r in target],
+                          data.tensor([r.id for r in data.pictures("holdout")]), f"{DATA} (target split)",
+                          np.array([r.dup_count > 1 for r in target]))
+
+
+def folder_images(folder: str, holdout: str | None, resolution: int, channels: int) -> TrainingImages:
+    from lethe.data.prepared import to_float
+    from lethe.data.sources import read_image_folder
+
+    for path in (folder, holdout):
+        if path is not None and not Path(path).is_dir():
+            raise LetheError(f"{path}: no such image folder")
+    images, captions, names = read_image_folder(folder, resolution, channels)
+    held = to_float(read_image_folder(holdout, resolution, channels)[0]) if holdout else None
+    return TrainingImages(to_float(images), captions, names, held, folder)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LetheError(f"{path}: cannot read the prompts file ({type(exc).__name__}); one prompt per line, UTF-8")
+    return [line.strip() for line in lines if line.strip()]
+
+
+def check_vocabulary(model, captions: list[str], where: str) -> None:
+    """Refuse captions the model's tokenizer knows nothing of: every generation would ignore them."""
+    if model.text_encoder.known_tokens(captions) == 0:
+        raise LetheError(f"{where}: no word of any caption is in the model's tokenizer vocabulary; "
+                         "these are not the captions this model was trained with")
+
+
+def _batch_file(directory: Path, key: str) -> Path:
+    return directory / f"{hashlib.md5(key.encode()).hexdigest()}.npy"
+
+
+def _cached(directory: Path, key: str, compute) -> np.ndarray:
+    """A batch of uint8 images kept on disk by content key: a killed audit reloads what it had made."""
+    path = _batch_file(directory, key)
+    if path.exists():
+        return np.load(path)
+    images = compute()
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, images)
+    tmp.replace(path)
+    return images
+
+
+def audit(params: Params, target: str | None = None, model_path: str | None = None, lora: str | None = None,
+          images: str | None = None, holdout: str | None = None, prompts_file: str | None = None,
+          name: str | None = None, full: bool = False) -> dict[str, float]:
+    import mlflow
+
+    from lethe.data.prepared import to_float, to_uint8
+    from lethe.devices import inference_device
+    from lethe.evaluation.audit_page import audit_page, risk_histogram
+    from lethe.files import content_hash
+    from lethe.memorization.noise_magnitude import first_step_magnitudes
+    from lethe.models.brought import load_brought_model
+    from lethe.models.diffusion_model import build_scheduler
+    from lethe.sampling import generate
+    from lethe.tracking import stage_run
+
+    cfg, sample, evaluate = params.audit, params.sample, params.evaluate
+    if target is not None:
+        variant = champion_variant() if target == "champion" else target
+        model_path, name = str(model_dir(variant)), name or target
+        model = load_brought_model(model_path)
+        data = pipeline_images()
+        data_hash = content_hash(DATA)
+    else:
+        if model_path is None or images is None:
+            raise LetheError("lethe audit: give a variant (e.g. `lethe audit baseline`) or --model and --images")
+        variant, name = None, name or Path(model_path).resolve().name
+        model = load_brought_model(model_path, lora)
+        data = folder_images(images, holdout, model.spec.resolution, model.spec.channels)
+        data_hash = content_hash(Path(images) / "metadata.jsonl")
+    check_vocabulary(model, data.captions, f"{images}/metadata.jsonl" if images else str(DATA))
+    extra = read_prompts(prompts_file)
+    scheduler = build_scheduler(model, params.diffusion)
+    model.to(inference_device())
+
+    prompts = list(dict.fromkeys(data.captions)) + [p for p in dict.fromkeys(extra) if p not in set(data.captions)]
+    prompt_of_image = np.array([prompts.index(c) for c in data.captions])
+    k, n = cfg.generations_per_prompt, evaluate.rel_l2_n
+    mode = "full" if full or cfg.mode == "full" else "screen"
+
+    # 1. screen every prompt with Wen's first-step magnitude
+    screen = torch.cat([first_step_magnitudes(model, scheduler, prompts[s : s + sample.batch_size], cfg.screen_seeds, sample.steps)
+                        for s in progress(range(0, len(prompts), sample.batch_size), desc="audit: screen", unit="batch")]).numpy()
+    # 2. select
+    if mode == "full":
+        top, drawn = np.arange(len(prompts)), np.array([], dtype=int)
+    else:
+        top, drawn = select(screen, cfg.generate_share, cfg.random_share, cfg.seed)
+    # the threshold, from held-out images when there are some
+    if data.holdout is not None:
+        threshold = calibrated_threshold(relative_l2_of_nearest(data.holdout, data.pixels, n, evaluate.chunk_size),
+                                         cfg.fpr, k)
+    else:
+        threshold = evaluate.rel_l2_threshold
+    # 3. generate, judging each batch as it comes
+    cache = AUDIT_CACHE / name
+    cache.mkdir(parents=True, exist_ok=True)
+    model_key = fingerprint([Path(model_path)] + ([Path(lora)] if lora else [])) + json.dumps(sample.model_dump())
+    judged, where, copies, generations = Judged(), [], np.zeros(len(prompts), dtype=int), np.zeros(len(prompts), dtype=int)
+    open_prompts = [int(p) for p in np.concatenate([top, drawn])]
+    bar = progress(total=len(open_prompts) * k, desc=f"audit: generate ({mode})", unit="img")
+    for round_ in range(k):
+        for s in range(0, len(open_prompts), sample.batch_size):
+            batch = open_prompts[s : s + sample.batch_size]
+            seeds = [p * k + round_ for p in batch]
+            texts = [prompts[p] for p in batch]
+            key = model_key + json.dumps([texts, seeds])
+            made = _cached(cache, key, lambda: to_uint8(generate(model, scheduler, texts, seeds, sample)))
+            where += [(key, row) for row in range(len(batch))]
+            best = judged.add(batch, seeds, to_float(made), data.pixels, n, evaluate.chunk_size)
+            copies[batch] += (best < threshold).numpy()
+            generations[batch] += 1
+            bar.update(len(batch))
+        if mode == "screen":  # one copy answers the question for its prompt
+            open_prompts = [p for p in open_prompts if copies[p] == 0]
+    bar.close()
+
+    # 4. judge every training image
+    closest = judged.per_image(len(data.pixels), keep=max(3, k))
+    score = np.array([c[0][1] if c else np.inf for c in closest])
+    reproduced = score < threshold
+    in_top, in_drawn = np.isin(prompt_of_image, top), np.isin(prompt_of_image, drawn)
+    metrics = {
+        "audit/images": float(len(data.pixels)), "audit/prompts": float(len(prompts)),
+        "audit/prompts_generated": float((generations > 0).sum()), "audit/generations": float(len(judged)),
+        "audit/generation_share": len(judged) / (len(prompts) * k),  # of what full mode generates
+        "audit/screen_passes": float(len(prompts) * cfg.screen_seeds),
+        "audit/threshold": threshold, "audit/threshold_calibrated": float(data.holdout is not None),
+        "audit/holdout_images": float(len(data.holdout) if data.holdout is not None else 0),
+        "audit/reproduced": float(reproduced.sum()),
+        **reproduced_share(reproduced, None if mode == "full" else np.flatnonzero(in_top),
+                           None if mode == "full" else np.flatnonzero(in_drawn & ~in_top)),
+    }
+    if data.planted is not None and data.planted.any():
+        metrics["audit/planted_recall"] = float(reproduced[data.planted].mean())
+        metrics["audit/planted_recall/ci_low"], metrics["audit/planted_recall/ci_high"] = binomial_interval(
+            int(reproduced[data.planted].sum()), int(data.planted.sum()))
+        if (~data.planted).any():
+            metrics["audit/other_flagged_share"] = float(reproduced[~data.planted].mean())
+            metrics["audit/other_flagged_share/ci_low"], metrics["audit/other_flagged_share/ci_high"] = binomial_interval(
+                int(reproduced[~data.planted].sum()), int((~data.planted).sum()))
+
+    def generation(g: int) -> np.ndarray:
+        key, row = where[g]
+        return np.load(_batch_file(cache, key), mmap_mode="r")[row]
+
+    def found(g: int, value: float) -> dict:
+        return {"prompt": prompts[judged.prompt[g]], "seed": judged.seed[g], "relative_l2": value}
+
+    entries = [{"file_name": data.names[i], "caption": data.captions[i], "risk": max(0.0, 1.0 - float(score[i])),
+                "reproduced": bool(reproduced[i]), "screen": float(screen[prompt_of_image[i]]),
+                "caption_generated": bool(generations[prompt_of_image[i]] > 0),
+                "reproduced_by": [found(g, v) for g, v in closest[i] if v < threshold],
+                "closest": [found(g, v) for g, v in closest[i][:3]]} for i in range(len(data.pixels))]
+    chosen = {**{int(p): "random" for p in drawn}, **{int(p): "top" if mode == "screen" else "all" for p in top}}
+    captions = len(set(data.captions))
+    prompt_entries = [{"prompt": p, "source": "caption" if i < captions else "extra",
+                       "screen": float(screen[i]), "selected": chosen.get(i, "no"),
+                       "generations": int(generations[i]), "copies": int(copies[i])} for i, p in enumerate(prompts)]
+    summary = {"name": name, "model": model_path, "lora": lora, "variant": variant, "images": data.source,
+               "mode": mode, "metrics": metrics}
+    ranked = sorted(range(len(entries)), key=lambda i: -entries[i]["risk"])
+    with atomic_dir(audit_dir(name)) as tmp:
+        write_json(tmp / "audit.json", {**summary, "training_images": entries, "prompts": prompt_entries})
+        risk_histogram([e["risk"] for e in entries], 1.0 - threshold, tmp / "risk.png")
+        shown = [(entries[i], to_uint8(data.pixels[i]), [generation(g) for g, _ in closest[i][:3]])
+                 for i in ranked[: max(cfg.shown, int(reproduced.sum()))]]
+        (tmp / "index.html").write_text(audit_page(summary, shown, prompt_entries, tmp / "risk.png"))
+    with stage_run(params, stage="audit", method=name, sections=("audit", "sample"), data_hash=data_hash):
+        mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
+        mlflow.log_artifacts(str(audit_dir(name)), "audit")
+    write_json(audit_summary(name), {key: value for key, value in metrics.items()})
+    return metrics
