@@ -326,6 +326,10 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     assert set(registry["versions"]) == set(VARIANTS)
     assert registry["aliases"]["champion"] == registry["aliases"]["baseline"]  # nothing to reduce: baseline stays
     assert "no paired comparison" in registry["policy"]["loyal"]
+    audited = json.loads((project / "reports/audit/champion/audit.json").read_text())
+    assert audited["variant"] == "baseline" and audited["mode"] == "screen"  # the champion: the baseline here
+    assert len(audited["training_images"]) == audited["metrics"]["audit/images"] > 0
+    assert "audit/planted_recall" not in audited["metrics"]  # nothing planted on a folder
 
 
 # ----------------------------------------------------------------------------------- DDP on CPU

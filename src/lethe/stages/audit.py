@@ -26,7 +26,12 @@ from lethe.config import Params
 from lethe.errors import LetheError
 from lethe.files import atomic_dir, fingerprint, write_json
 from lethe.memorization.audit import (
-    Judged, binomial_interval, calibrated_threshold, relative_l2_of_nearest, reproduced_share, select,
+    Judged,
+    binomial_interval,
+    calibrated_threshold,
+    relative_l2_of_nearest,
+    reproduced_share,
+    select,
 )
 from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
 from lethe.progress import progress
@@ -178,7 +183,7 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
             seeds = [p * k + round_ for p in batch]
             texts = [prompts[p] for p in batch]
             key = model_key + json.dumps([texts, seeds])
-            made = _cached(cache, key, lambda: to_uint8(generate(model, scheduler, texts, seeds, sample)))
+            made = _cached(cache, key, lambda texts=texts, seeds=seeds: to_uint8(generate(model, scheduler, texts, seeds, sample)))
             where += [(key, row) for row in range(len(batch))]
             best = judged.add(batch, seeds, to_float(made), data.pixels, n, evaluate.chunk_size)
             copies[batch] += (best < threshold).numpy()
