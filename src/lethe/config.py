@@ -194,8 +194,9 @@ class AuditConfig(Section):
     mode: Literal["screen", "full"] = "screen"  # full: K generations for every prompt; screen: see below
     generations_per_prompt: int = Field(4, ge=1)  # K; in screen mode a prompt stops at its first copy
     screen_seeds: int = Field(2, ge=1)  # starting noises behind each prompt's first-step magnitude
-    generate_share: float = Field(0.45, gt=0.0, le=1.0)  # screen mode: the top share of prompts generated ...
-    random_share: float = Field(0.1, ge=0.0, le=1.0)  # ... plus this share of the rest at random (what was missed)
+    screen_generations: int = Field(2, ge=1)  # screen mode: at most this many of the K per prompt
+    generate_share: float = Field(0.75, gt=0.0, le=1.0)  # screen mode: the top share of prompts generated ...
+    random_share: float = Field(0.2, ge=0.0, le=1.0)  # ... plus this share of the rest at random (what was missed)
     fpr: float = Field(0.05, gt=0.0, lt=1.0)  # chance an image never memorized is flagged (held-out images)
     shown: int = Field(24, ge=1)  # training images on the page, highest risk first (every reproduced one too)
     seed: int = 0

@@ -60,7 +60,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"Full mode: every one of {int(m['audit/prompts'])} prompts generated ({int(m['audit/generations'])} images).")
     if m["audit/threshold_calibrated"]:
         lines.append(f"Threshold {m['audit/threshold']:.3f} (relative L2), calibrated on {int(m['audit/holdout_images'])} "
-                     "held-out images: an image never memorized is flagged with probability at most the audit's fpr.")
+                     f"held-out images: an image never memorized is flagged with probability at most {summary['fpr']:.0%}.")
     else:
         lines.append(f"Threshold {m['audit/threshold']:.3f}: the published one. No held-out images were given, so its "
                      "false-positive rate on these images is unknown; pass --holdout to calibrate it.")
@@ -76,7 +76,7 @@ def audit_page(summary: dict, shown: list[tuple[dict, np.ndarray, list[np.ndarra
     rows = []
     for entry, image, closest in shown:
         generations = "".join(
-            f"<figure><img src='{thumbnail(g)}' alt='generation'><figcaption>{html.escape(c['prompt'][:40])}<br>"
+            f"<figure title='{html.escape(c['prompt'])}'><img src='{thumbnail(g)}' alt='generation'><figcaption>{html.escape(c['prompt'][:40])}<br>"
             f"seed {c['seed']} · rel. L2 {c['relative_l2']:.3f}</figcaption></figure>"
             for g, c in zip(closest, entry["closest"]))
         verdict = "<span class='bad'>reproduced</span>" if entry["reproduced"] else "not reproduced"

@@ -176,8 +176,9 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
     model_key = fingerprint([Path(model_path)] + ([Path(lora)] if lora else [])) + json.dumps(sample.model_dump())
     judged, where, copies, generations = Judged(), [], np.zeros(len(prompts), dtype=int), np.zeros(len(prompts), dtype=int)
     open_prompts = [int(p) for p in np.concatenate([top, drawn])]
-    bar = progress(total=len(open_prompts) * k, desc=f"audit: generate ({mode})", unit="img")
-    for round_ in range(k):
+    rounds = k if mode == "full" else min(k, cfg.screen_generations)
+    bar = progress(total=len(open_prompts) * rounds, desc=f"audit: generate ({mode})", unit="img")
+    for round_ in range(rounds):
         for s in range(0, len(open_prompts), sample.batch_size):
             batch = open_prompts[s : s + sample.batch_size]
             seeds = [p * k + round_ for p in batch]
@@ -236,7 +237,7 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
                        "screen": float(screen[i]), "selected": chosen.get(i, "no"),
                        "generations": int(generations[i]), "copies": int(copies[i])} for i, p in enumerate(prompts)]
     summary = {"name": name, "model": model_path, "lora": lora, "variant": variant, "images": data.source,
-               "mode": mode, "metrics": metrics}
+               "mode": mode, "fpr": cfg.fpr, "metrics": metrics}
     ranked = sorted(range(len(entries)), key=lambda i: -entries[i]["risk"])
     with atomic_dir(audit_dir(name)) as tmp:
         write_json(tmp / "audit.json", {**summary, "training_images": entries, "prompts": prompt_entries})
