@@ -95,12 +95,23 @@ def arguments(args: argparse.Namespace) -> tuple:
     return ()
 
 
+def quiet_libraries() -> None:
+    """The libraries' deprecation notices speak to lethe's developers, not to its users (Lightning's banners
+    are quieted where the Trainer is made: `lethe.training.fit`)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(flops_per_batch|LeafSpec|treespec).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     from lethe.config import load_params, materialized
     from lethe.errors import LetheError, TrainingDiverged
     from lethe.files import write_text
 
     args = parser().parse_args(argv)
+    quiet_libraries()
     try:
         if args.stage == "preset":
             write_text(args.params, materialized(args.source))

@@ -28,6 +28,7 @@ from lethe.diffusion import guide, guided_pass, noise_magnitude
 from lethe.memorization.attention import attention_control
 from lethe.methods import inference_mitigation
 from lethe.models.diffusion_model import DiffusionModel
+from lethe.progress import progress
 
 
 @dataclass
@@ -81,9 +82,10 @@ def first_step(model: DiffusionModel, train_scheduler: SchedulerMixin, steps: in
 @torch.no_grad()
 def generate(
     model: DiffusionModel, train_scheduler: SchedulerMixin, prompts: list[str], seeds: list[int], cfg: SampleConfig,
-    trace: SamplingTrace | None = None,
+    trace: SamplingTrace | None = None, label: str | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per (prompt, seed), on the CPU."""
+    """Images in [-1, 1], one per (prompt, seed), on the CPU; with a `label`, its progress over the denoising
+    steps of every batch."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     was_training = model.training
@@ -97,6 +99,8 @@ def generate(
     control = attention_control(model) if capture or in_attention else None
     empty = model.encode_text(model.text_encoder.tokenize([""]))
     out = []
+    batches = -(-len(prompts) // cfg.batch_size)
+    bar = progress(total=batches * len(scheduler.timesteps), desc=label, unit="step") if label else None
     for start in range(0, len(prompts), cfg.batch_size):
         ids = model.text_encoder.tokenize(prompts[start : start + cfg.batch_size])
         cond = model.encode_text(ids)
@@ -117,7 +121,11 @@ def generate(
                 if trace is not None:
                     trace.record(eps_cond, eps_uncond, control.captured if capture else {})
                 x = scheduler.step(guide(eps_uncond, eps_cond, cfg.guidance_scale), t, x).prev_sample
+                if bar is not None:
+                    bar.update()
         out.append(model.decode(x).clamp(-1, 1).cpu())
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return torch.cat(out)
 

@@ -42,6 +42,7 @@ from lethe.files import content_hash
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
 from lethe.models.diffusion_model import build_scheduler, load_model
 from lethe.paths import CHECKPOINTS, DATA, FEATURIZER, PRETRAINED, STUDIES
+from lethe.progress import progress
 from lethe.sampling import generate
 from lethe.training.fit import CaptionedImages, checkpoint_key, fit
 from lethe.training.module import DiffusionTraining
@@ -230,13 +231,16 @@ def work(inputs: Inputs, study: optuna.Study, parent_id: str) -> int:
     """Run trials until the study holds n_trials completed (or running) ones; returns trials run here."""
     cfg = inputs.params.memcontrol
     objective, ran = make_objective(inputs, parent_id), 0
+    bar = progress(total=cfg.n_trials, desc="memcontrol: trials", unit="trial")
     for _ in range(3 * cfg.n_trials):  # bounded: pruned all-zero masks and diverged trials do not count
         fail_dead_trials(study)
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        bar.update(states[TrialState.COMPLETE] - bar.n)
         if states[TrialState.COMPLETE] + states[TrialState.RUNNING] >= cfg.n_trials:
             break
         study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
         ran += 1
+    bar.close()
     return ran
 
 

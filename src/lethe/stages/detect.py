@@ -45,7 +45,7 @@ def prompt_scores(params: Params, model, scheduler, prompts: list[str], training
     trace = SamplingTrace()
     started = time.perf_counter()
     images = generate(model, scheduler, [p for p in prompts for _ in range(k)], list(range(k)) * len(prompts),
-                      params.sample, trace)
+                      params.sample, trace, label="detect: sampling")
     seconds = time.perf_counter() - started
     per_generation = {**wen_scores(trace.magnitudes),
                       **memattn_scores(trace.maps, trace.token_ids, model.text_encoder.end_token_id, cfg.memattn_layer)}

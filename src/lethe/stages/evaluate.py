@@ -59,7 +59,7 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
             continue
         prompts, seeds = generation_plan([r.caption for r in records], k)
         started = time.perf_counter()
-        images = generate(model, scheduler, prompts, seeds, params.sample)
+        images = generate(model, scheduler, prompts, seeds, params.sample, label=f"evaluate {variant}: {group}")
         generated_seconds += time.perf_counter() - started
         generated_count += len(images)
         scores = training.replication(images)

@@ -19,6 +19,7 @@ from lethe.files import atomic_dir, baseline_costs, content_hash, write_json, wr
 from lethe.localization import nemo
 from lethe.models.diffusion_model import build_scheduler, load_model, save_model
 from lethe.paths import BASELINE, DATA, LOCALIZE_METRICS, REPORTS, model_dir, train_metrics_file
+from lethe.progress import progress
 from lethe.sampling import first_step
 from lethe.tracking import stage_run
 
@@ -35,7 +36,7 @@ def localize(params: Params) -> dict[str, float]:
     memorized = memorized[: cfg.max_prompts]
 
     rows, union, started = [], set(), time.perf_counter()
-    for i in memorized:
+    for i in progress(memorized, desc="localize: NeMo prompts", unit="prompt"):
         record, states = target[i], nemo.encode(model, [target[i]])
         z = {layer: values[0] for layer, values in stats.z(nemo.value_activations(model, states)).items()}
         score = nemo.MemorizationScore(model, t, noise, states)

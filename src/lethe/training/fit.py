@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lethe.config import TrainConfig
 from lethe.data.prepared import PreparedData, Record, to_float
 from lethe.errors import LetheError
+from lethe.progress import progress
 from lethe.training.module import DiffusionTraining
 
 
@@ -130,8 +132,34 @@ class GatherFullWeights(L.Callback):
         self.state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
 
 
+class StepProgress(L.Callback):
+    """Training steps and the loss as lethe shows progress (a bar, or a line every few seconds in a log);
+    Lightning's own bar redraws with carriage returns, which a log keeps as one line. Rank 0 only."""
+
+    def __init__(self, label: str = "train"):
+        self.label, self.bar = label, None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.bar = progress(total=trainer.max_steps, desc=self.label, unit="step")
+            self.bar.update(trainer.global_step)  # a resumed run starts where it stopped
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.bar is not None:
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _trainer(cfg: TrainConfig, **kwargs) -> L.Trainer:
     """Lightning's Trainer; a strategy, accelerator, device or precision it refuses is a params error."""
+    for name in ("lightning.pytorch", "lightning.fabric"):  # its banners (GPU available, tips): not the stage's
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return L.Trainer(max_steps=cfg.steps, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                          strategy=cfg.strategy, precision=cfg.precision, use_distributed_sampler=False, **kwargs)
@@ -170,6 +198,7 @@ def fit(
                ThroughputMonitor(batch_size_fn=lambda batch: len(batch["ids"]), window_size=max(2, min(100, cfg.steps // 4)))]
               if logger is not None else []),
             *([gather] if sharded else []),
+            StepProgress(),
             *callbacks,
         ],
         log_every_n_steps=max(1, min(10, cfg.steps // 4)),
