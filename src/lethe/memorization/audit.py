@@ -100,6 +100,12 @@ def binomial_interval(k: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+def share_with_interval(key: str, flags: np.ndarray) -> dict[str, float]:
+    """`key`: the share of True among `flags`; `key/ci_low`, `key/ci_high`: its exact 95% interval."""
+    low, high = binomial_interval(int(flags.sum()), len(flags))
+    return {key: float(flags.mean()), f"{key}/ci_low": low, f"{key}/ci_high": high}
+
+
 def reproduced_share(reproduced: np.ndarray, top: np.ndarray | None, drawn: np.ndarray | None) -> dict[str, float]:
     """The share of training images reproduced, with its 95% interval.
 
@@ -109,10 +115,7 @@ def reproduced_share(reproduced: np.ndarray, top: np.ndarray | None, drawn: np.n
     """
     n = len(reproduced)
     if top is None:
-        found = int(reproduced.sum())
-        low, high = binomial_interval(found, n)
-        return {"audit/reproduced_share": found / n, "audit/reproduced_share/ci_low": low,
-                "audit/reproduced_share/ci_high": high}
+        return share_with_interval("audit/reproduced_share", reproduced)
     rest = n - len(top)
     unsampled = rest - len(drawn)
     found = int(reproduced[top].sum()) + int(reproduced[drawn].sum())

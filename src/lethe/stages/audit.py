@@ -26,12 +26,7 @@ from lethe.config import Params
 from lethe.errors import LetheError
 from lethe.files import atomic_dir, fingerprint, write_json
 from lethe.memorization.audit import (
-    Judged,
-    binomial_interval,
-    calibrated_threshold,
-    relative_l2_of_nearest,
-    reproduced_share,
-    select,
+    Judged, calibrated_threshold, relative_l2_of_nearest, reproduced_share, select, share_with_interval,
 )
 from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
 from lethe.progress import progress
@@ -117,92 +112,115 @@ def _cached(directory: Path, key: str, compute) -> np.ndarray:
     return images
 
 
+@dataclass
+class Generations:
+    """What generation found: every generation judged, where its pixels are kept, and per prompt how many
+    generations it got and how many were copies."""
+
+    judged: Judged
+    where: list[tuple[str, int]]  # per generation: its batch's cache key and its row there
+    generations: np.ndarray
+    copies: np.ndarray
+
+
+def generate_and_judge(model, scheduler, prompts: list[str], selected: list[int], rounds: int, k: int,
+                       stop_at_copy: bool, data: TrainingImages, threshold: float, params: Params, cache: Path,
+                       model_key: str) -> Generations:
+    """Up to `rounds` generations per selected prompt (seed: prompt x K + round), each batch judged as it
+    comes and kept on disk; with `stop_at_copy`, a prompt stops at its first copy."""
+    from lethe.data.prepared import to_float, to_uint8
+    from lethe.sampling import generate
+
+    sample, n, chunk = params.sample, params.evaluate.rel_l2_n, params.evaluate.chunk_size
+    out = Generations(Judged(), [], np.zeros(len(prompts), dtype=int), np.zeros(len(prompts), dtype=int))
+    bar = progress(total=len(selected) * rounds, desc="audit: generate", unit="img")
+    for round_ in range(rounds):
+        for s in range(0, len(selected), sample.batch_size):
+            batch = selected[s : s + sample.batch_size]
+            texts, seeds = [prompts[p] for p in batch], [p * k + round_ for p in batch]
+            key = model_key + json.dumps([texts, seeds])
+            made = _cached(cache, key, lambda texts=texts, seeds=seeds: to_uint8(generate(model, scheduler, texts, seeds, sample)))
+            out.where += [(key, row) for row in range(len(batch))]
+            best = out.judged.add(batch, seeds, to_float(made), data.pixels, n, chunk)
+            out.copies[batch] += (best < threshold).numpy()
+            out.generations[batch] += 1
+            bar.update(len(batch))
+        if stop_at_copy:  # one copy answers the question for its prompt
+            selected = [p for p in selected if out.copies[p] == 0]
+    bar.close()
+    return out
+
+
+def open_inputs(target, model_path, lora, images, holdout, name):
+    """The model and the images: a variant of this pipeline on the prepared splits, or what a user brought."""
+    from lethe.files import content_hash
+    from lethe.models.brought import load_brought_model
+
+    if target is not None:
+        variant = champion_variant() if target == "champion" else target
+        model_path = str(model_dir(variant))
+        return load_brought_model(model_path), model_path, variant, name or target, pipeline_images(), content_hash(DATA)
+    if model_path is None or images is None:
+        raise LetheError("lethe audit: give a variant (e.g. `lethe audit baseline`) or --model and --images")
+    model = load_brought_model(model_path, lora)
+    data = folder_images(images, holdout, model.spec.resolution, model.spec.channels)
+    check_vocabulary(model, data.captions, f"{Path(images) / 'metadata.jsonl'}")
+    return model, model_path, None, name or Path(model_path).resolve().name, data, content_hash(Path(images) / "metadata.jsonl")
+
+
 def audit(params: Params, target: str | None = None, model_path: str | None = None, lora: str | None = None,
           images: str | None = None, holdout: str | None = None, prompts_file: str | None = None,
           name: str | None = None, full: bool = False) -> dict[str, float]:
     import mlflow
 
-    from lethe.data.prepared import to_float, to_uint8
+    from lethe.data.prepared import to_uint8
     from lethe.devices import inference_device
     from lethe.evaluation.audit_page import audit_page, risk_histogram
-    from lethe.files import content_hash
     from lethe.memorization.noise_magnitude import first_step_magnitudes
-    from lethe.models.brought import load_brought_model
     from lethe.models.diffusion_model import build_scheduler
-    from lethe.sampling import generate
     from lethe.tracking import stage_run
 
-    cfg, sample, evaluate = params.audit, params.sample, params.evaluate
-    if target is not None:
-        variant = champion_variant() if target == "champion" else target
-        model_path, name = str(model_dir(variant)), name or target
-        model = load_brought_model(model_path)
-        data = pipeline_images()
-        data_hash = content_hash(DATA)
-    else:
-        if model_path is None or images is None:
-            raise LetheError("lethe audit: give a variant (e.g. `lethe audit baseline`) or --model and --images")
-        variant, name = None, name or Path(model_path).resolve().name
-        model = load_brought_model(model_path, lora)
-        data = folder_images(images, holdout, model.spec.resolution, model.spec.channels)
-        data_hash = content_hash(Path(images) / "metadata.jsonl")
-    check_vocabulary(model, data.captions, f"{images}/metadata.jsonl" if images else str(DATA))
+    cfg, sample = params.audit, params.sample
+    model, model_path, variant, name, data, data_hash = open_inputs(target, model_path, lora, images, holdout, name)
     extra = read_prompts(prompts_file)
     scheduler = build_scheduler(model, params.diffusion)
     model.to(inference_device())
-
-    prompts = list(dict.fromkeys(data.captions)) + [p for p in dict.fromkeys(extra) if p not in set(data.captions)]
-    prompt_of_image = np.array([prompts.index(c) for c in data.captions])
-    k, n = cfg.generations_per_prompt, evaluate.rel_l2_n
-    mode = "full" if full or cfg.mode == "full" else "screen"
+    captions = set(data.captions)
+    prompts = list(dict.fromkeys(data.captions)) + [p for p in dict.fromkeys(extra) if p not in captions]
+    index = {p: i for i, p in enumerate(prompts)}
+    prompt_of_image = np.array([index[c] for c in data.captions])
+    k, mode = cfg.generations_per_prompt, "full" if full or cfg.mode == "full" else "screen"
 
     # 1. screen every prompt with Wen's first-step magnitude
     screen = torch.cat([first_step_magnitudes(model, scheduler, prompts[s : s + sample.batch_size], cfg.screen_seeds, sample.steps)
                         for s in progress(range(0, len(prompts), sample.batch_size), desc="audit: screen", unit="batch")]).numpy()
-    # 2. select
+    # 2. select the prompts to generate for
     if mode == "full":
         top, drawn = np.arange(len(prompts)), np.array([], dtype=int)
     else:
         top, drawn = select(screen, cfg.generate_share, cfg.random_share, cfg.seed)
     # the threshold, from held-out images when there are some
     if data.holdout is not None:
-        threshold = calibrated_threshold(relative_l2_of_nearest(data.holdout, data.pixels, n, evaluate.chunk_size),
-                                         cfg.fpr, k)
+        held_out = relative_l2_of_nearest(data.holdout, data.pixels, params.evaluate.rel_l2_n, params.evaluate.chunk_size)
+        threshold = calibrated_threshold(held_out, cfg.fpr, k)
     else:
-        threshold = evaluate.rel_l2_threshold
+        threshold = params.evaluate.rel_l2_threshold
     # 3. generate, judging each batch as it comes
     cache = AUDIT_CACHE / name
     cache.mkdir(parents=True, exist_ok=True)
     model_key = fingerprint([Path(model_path)] + ([Path(lora)] if lora else [])) + json.dumps(sample.model_dump())
-    judged, where, copies, generations = Judged(), [], np.zeros(len(prompts), dtype=int), np.zeros(len(prompts), dtype=int)
-    open_prompts = [int(p) for p in np.concatenate([top, drawn])]
     rounds = k if mode == "full" else min(k, cfg.screen_generations)
-    bar = progress(total=len(open_prompts) * rounds, desc=f"audit: generate ({mode})", unit="img")
-    for round_ in range(rounds):
-        for s in range(0, len(open_prompts), sample.batch_size):
-            batch = open_prompts[s : s + sample.batch_size]
-            seeds = [p * k + round_ for p in batch]
-            texts = [prompts[p] for p in batch]
-            key = model_key + json.dumps([texts, seeds])
-            made = _cached(cache, key, lambda texts=texts, seeds=seeds: to_uint8(generate(model, scheduler, texts, seeds, sample)))
-            where += [(key, row) for row in range(len(batch))]
-            best = judged.add(batch, seeds, to_float(made), data.pixels, n, evaluate.chunk_size)
-            copies[batch] += (best < threshold).numpy()
-            generations[batch] += 1
-            bar.update(len(batch))
-        if mode == "screen":  # one copy answers the question for its prompt
-            open_prompts = [p for p in open_prompts if copies[p] == 0]
-    bar.close()
-
-    # 4. judge every training image
-    closest = judged.per_image(len(data.pixels), keep=max(3, k))
+    made = generate_and_judge(model, scheduler, prompts, [int(p) for p in np.concatenate([top, drawn])], rounds, k,
+                              mode == "screen", data, threshold, params, cache, model_key)
+    # 4. judge every training image by its closest generation
+    closest = made.judged.per_image(len(data.pixels), keep=max(3, k))
     score = np.array([c[0][1] if c else np.inf for c in closest])
     reproduced = score < threshold
     in_top, in_drawn = np.isin(prompt_of_image, top), np.isin(prompt_of_image, drawn)
     metrics = {
         "audit/images": float(len(data.pixels)), "audit/prompts": float(len(prompts)),
-        "audit/prompts_generated": float((generations > 0).sum()), "audit/generations": float(len(judged)),
-        "audit/generation_share": len(judged) / (len(prompts) * k),  # of what full mode generates
+        "audit/prompts_generated": float((made.generations > 0).sum()), "audit/generations": float(len(made.judged)),
+        "audit/generation_share": len(made.judged) / (len(prompts) * k),  # of what full mode generates
         "audit/screen_passes": float(len(prompts) * cfg.screen_seeds),
         "audit/threshold": threshold, "audit/threshold_calibrated": float(data.holdout is not None),
         "audit/holdout_images": float(len(data.holdout) if data.holdout is not None else 0),
@@ -210,43 +228,41 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
         **reproduced_share(reproduced, None if mode == "full" else np.flatnonzero(in_top),
                            None if mode == "full" else np.flatnonzero(in_drawn & ~in_top)),
     }
-    if data.planted is not None and data.planted.any():
-        metrics["audit/planted_recall"] = float(reproduced[data.planted].mean())
-        metrics["audit/planted_recall/ci_low"], metrics["audit/planted_recall/ci_high"] = binomial_interval(
-            int(reproduced[data.planted].sum()), int(data.planted.sum()))
+    if data.planted is not None and data.planted.any():  # the embedded default's ground truth
+        metrics |= share_with_interval("audit/planted_recall", reproduced[data.planted])
         if (~data.planted).any():
-            metrics["audit/other_flagged_share"] = float(reproduced[~data.planted].mean())
-            metrics["audit/other_flagged_share/ci_low"], metrics["audit/other_flagged_share/ci_high"] = binomial_interval(
-                int(reproduced[~data.planted].sum()), int((~data.planted).sum()))
-
-    def generation(g: int) -> np.ndarray:
-        key, row = where[g]
-        return np.load(_batch_file(cache, key), mmap_mode="r")[row]
+            metrics |= share_with_interval("audit/other_flagged_share", reproduced[~data.planted])
 
     def found(g: int, value: float) -> dict:
-        return {"prompt": prompts[judged.prompt[g]], "seed": judged.seed[g], "relative_l2": value}
+        return {"prompt": prompts[made.judged.prompt[g]], "seed": made.judged.seed[g], "relative_l2": value}
+
+    def pixels(g: int) -> np.ndarray:
+        key, row = made.where[g]
+        return np.load(_batch_file(cache, key), mmap_mode="r")[row]
 
     entries = [{"file_name": data.names[i], "caption": data.captions[i], "risk": max(0.0, 1.0 - float(score[i])),
                 "reproduced": bool(reproduced[i]), "screen": float(screen[prompt_of_image[i]]),
-                "caption_generated": bool(generations[prompt_of_image[i]] > 0),
+                "caption_generated": bool(made.generations[prompt_of_image[i]] > 0),
                 "reproduced_by": [found(g, v) for g, v in closest[i] if v < threshold],
                 "closest": [found(g, v) for g, v in closest[i][:3]]} for i in range(len(data.pixels))]
     chosen = {**{int(p): "random" for p in drawn}, **{int(p): "top" if mode == "screen" else "all" for p in top}}
-    captions = len(set(data.captions))
-    prompt_entries = [{"prompt": p, "source": "caption" if i < captions else "extra",
-                       "screen": float(screen[i]), "selected": chosen.get(i, "no"),
-                       "generations": int(generations[i]), "copies": int(copies[i])} for i, p in enumerate(prompts)]
+    prompt_entries = [{"prompt": p, "source": "caption" if p in captions else "extra", "screen": float(screen[i]),
+                       "selected": chosen.get(i, "no"), "generations": int(made.generations[i]),
+                       "copies": int(made.copies[i])} for i, p in enumerate(prompts)]
     summary = {"name": name, "model": model_path, "lora": lora, "variant": variant, "images": data.source,
                "mode": mode, "fpr": cfg.fpr, "metrics": metrics}
     ranked = sorted(range(len(entries)), key=lambda i: -entries[i]["risk"])
     with atomic_dir(audit_dir(name)) as tmp:
         write_json(tmp / "audit.json", {**summary, "training_images": entries, "prompts": prompt_entries})
         risk_histogram([e["risk"] for e in entries], 1.0 - threshold, tmp / "risk.png")
-        shown = [(entries[i], to_uint8(data.pixels[i]), [generation(g) for g, _ in closest[i][:3]])
+        shown = [(entries[i], to_uint8(data.pixels[i]), [pixels(g) for g, _ in closest[i][:3]])
                  for i in ranked[: max(cfg.shown, int(reproduced.sum()))]]
         (tmp / "index.html").write_text(audit_page(summary, shown, prompt_entries, tmp / "risk.png"))
     with stage_run(params, stage="audit", method=name, sections=("audit", "sample"), data_hash=data_hash):
         mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
         mlflow.log_artifacts(str(audit_dir(name)), "audit")
-    write_json(audit_summary(name), {key: value for key, value in metrics.items()})
+    write_json(audit_summary(name), metrics)
+    used = {_batch_file(cache, key) for key, _ in made.where}
+    for stale in set(cache.glob("*.npy")) - used:  # batches of an earlier model or settings
+        stale.unlink()
     return metrics
