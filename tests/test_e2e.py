@@ -53,7 +53,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     stages = ["prepare", "calibrate", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize", "memcontrol",
               *(f"mitigate@{v}" for v in MITIGATE)]
     stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
-    stages += [f"evaluate@{v}" for v in INFERENCE]
+    stages += [f"evaluate@{v}" for v in INFERENCE] + ["audit@baseline", "audit@champion"]
     for stage in stages:
         assert f"Running stage '{stage}'" in reproduced
     for path in ("data/prepared/images.npy", "data/prepared/manifest.jsonl",
@@ -76,6 +76,11 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     assert calibration["calibration/rel_l2/holdout_fpr"] == 0.05  # 2 of the 40 holdout images
     registry = json.loads((repo / "reports/registry.json").read_text())
     assert set(registry["policy"]) == set(VARIANTS)  # a verdict for every variant
+    audited = json.loads((repo / "reports/audit/champion/audit.json").read_text())
+    champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
+    assert audited["variant"] == champion and (repo / "reports/audit/champion/index.html").is_file()
+    summary = json.loads((repo / "reports/audit/baseline.json").read_text())
+    assert summary["audit/images"] == 40 and 0 <= summary["audit/planted_recall"] <= 1  # 40 target pictures, 4 planted
 
 
 def test_evaluation_metrics_per_group(repo, reproduced):
@@ -153,7 +158,7 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its training runs
     assert runs["prepare"].data.metrics["data/planted_pairs"] == 4
     assert set(runs) == {"prepare", "calibrate", "pretrain", "featurizer", "report", "register", "detect@baseline",
-                         "localize@nemo", "memcontrol",
+                         "localize@nemo", "memcontrol", "audit@baseline", "audit@champion",
                          *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")),
                          *(f"evaluate@{v}" for v in INFERENCE)}
     baseline = runs["train@baseline"]

@@ -83,7 +83,9 @@ class ClipTextEncoder(nn.Module):
     def __init__(self, pretrained_path: str):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()  # its "Loading weights" bar is noise beside the stage's own progress
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer", local_files_only=True)
         self.model = CLIPTextModel.from_pretrained(pretrained_path, subfolder="text_encoder", local_files_only=True)
 
