@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from lethe.cli import main
-from lethe.memorization.audit import Judged, calibrated_threshold, reproduced_share, select
+from lethe.errors import LetheError
+from lethe.memorization.audit import Judged, calibrated_threshold, generation_rate, reproduced_share, select
 from tests.test_scale import SD_PRESET, write_params
 from tests.tiny_sd import build_tiny_sd
 
@@ -34,12 +35,17 @@ def test_each_training_image_is_judged_by_its_closest_generation():
     assert judged.seed == [7, 8] and len(judged) == 2
 
 
-def test_the_threshold_flags_fpr_over_k_of_the_held_out_images():
-    """fpr 0.05 over K = 4 generations: 1.25% of 100 held-out images, i.e. floor(1.25) = 1 of them."""
+def test_the_threshold_is_the_conformal_quantile_of_the_held_out_scores():
+    """k = floor(alpha (n + 1)): a new unseen image falls below the k-th smallest of n with chance k / (n + 1)."""
     scores = torch.linspace(0.01, 1.0, 100)
-    threshold = calibrated_threshold(scores, fpr=0.05, generations_per_prompt=4)
-    assert threshold == pytest.approx(0.02)
-    assert int((scores < threshold).sum()) == 1
+    assert calibrated_threshold(scores, alpha=0.05) == pytest.approx(0.05)  # k = floor(5.05) = 5: 5 / 101 <= 0.05
+    assert int((scores < calibrated_threshold(scores, 0.05)).sum()) == 4
+    # fpr 0.05 over 100 prompts x K = 4 for 100 images: 1.25% a generation; k = floor(1.2625) = 1
+    alpha = generation_rate(0.05, images=100, prompts=100, generations_per_prompt=4)
+    assert alpha == pytest.approx(0.0125) and calibrated_threshold(scores, alpha) == pytest.approx(0.01)
+    assert generation_rate(0.05, 100, 125, 4) == pytest.approx(0.01)  # extra prompts: more chances, a stricter rate
+    with pytest.raises(LetheError, match="100 held-out images cannot calibrate"):
+        calibrated_threshold(scores, alpha=0.005)  # k = 0: too few to say
 
 
 def test_screen_mode_takes_the_top_share_and_a_random_sample_of_the_rest():
@@ -55,12 +61,21 @@ def test_the_reproduced_share_counts_what_was_found_and_estimates_what_was_misse
     full = reproduced_share(reproduced, None, None)  # 4 of 10, Clopper-Pearson interval
     assert full["audit/reproduced_share"] == 0.4
     assert (full["audit/reproduced_share/ci_low"], full["audit/reproduced_share/ci_high"]) == pytest.approx((0.1216, 0.7376), abs=1e-4)
-    # screen: images 0-2 screened in (3 found); 6 and 7 sampled from the rest (1 of 2); 5 neither
+    # screen: images 0-2 screened in (3 found); 6 and 7 sampled from the rest (1 of 2); 3, 4, 5, 8, 9 neither
     screen = reproduced_share(reproduced, np.array([0, 1, 2]), np.array([6, 7]))
     assert screen["audit/missed_estimate"] == pytest.approx(2.5)
-    assert screen["audit/reproduced_share"] == pytest.approx((3 + 1 + 2.5) / 10)
+    assert screen["audit/reproduced_share"] == pytest.approx((4 + 2.5) / 10)
     assert (screen["audit/missed_estimate/ci_low"], screen["audit/missed_estimate/ci_high"]) == pytest.approx(
         (5 * 0.01258, 5 * 0.98742), abs=1e-4)
+    # image 9, never screened nor sampled, copied by another prompt's generation: found, not estimated
+    reproduced[9] = True
+    found_anyway = reproduced_share(reproduced, np.array([0, 1, 2]), np.array([6, 7]))
+    assert found_anyway["audit/missed_estimate"] == pytest.approx(2.0)
+    assert found_anyway["audit/reproduced_share"] == pytest.approx((5 + 2.0) / 10)
+    assert found_anyway["audit/reproduced_share/ci_low"] >= 0.5  # never below what was found
+    # no random sample: nothing known of the 5 others (3, 4, 5, 7, 8)
+    blind = reproduced_share(reproduced, np.array([0, 1, 2]), np.array([], dtype=int))
+    assert np.isnan(blind["audit/missed_estimate"]) and blind["audit/missed_estimate/ci_high"] == 5
 
 
 # ------------------------------------------------------------------------- a model a user brings
@@ -107,7 +122,8 @@ def brought(project):
     sd = build_tiny_sd(project / "sd")
     write_params(project / "params.yaml", SD_PRESET, sample={"steps": 2, "batch_size": 4, "guidance_scale": 3.0},
                  evaluate={"rel_l2_n": 4},
-                 audit={"generations_per_prompt": 2, "screen_seeds": 1, "generate_share": 0.5, "random_share": 0.5, "shown": 3})
+                 audit={"generations_per_prompt": 2, "screen_seeds": 1, "generate_share": 0.5, "random_share": 0.5, "shown": 3,
+                        "fpr": 0.5})  # 8 held-out images calibrate a rate of 0.5 x 6 / (8 x 2) = 0.19, no lower
     return {"sd": sd, "lora": lora_weights(sd, project / "lora"), "images": image_folder(project / "train", 6, seed=1),
             "holdout": image_folder(project / "held", 8, seed=2)}
 

@@ -280,6 +280,7 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
         nemo={"holdout_prompts": 3, "max_prompts": 2, "seeds": 2, "iterations": 3, "batch_size": 4},
         memcontrol={"n_trials": 2, "population_size": 2, "trial_steps": 2, "fd_prompts": 4, "sample_steps": 2,
                     "magnitude_draws": 2},
+        audit={"generations_per_prompt": 2, "screen_seeds": 1, "fpr": 0.5},  # 4 held-out images: a rate of 0.25, no lower
         evaluate={"prompts_per_group": 2, "generations_per_prompt": 2, "features": "open_clip",
                   "features_path": str(clip), "open_clip_model": TINY_CLIP, "clip_model_path": str(clip),
                   "rel_l2_n": 4, "gallery_rows": 2},

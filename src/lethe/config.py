@@ -197,7 +197,7 @@ class AuditConfig(Section):
     screen_generations: int = Field(2, ge=1)  # screen mode: at most this many of the K per prompt
     generate_share: float = Field(0.75, gt=0.0, le=1.0)  # screen mode: the top share of prompts generated ...
     random_share: float = Field(0.2, ge=0.0, le=1.0)  # ... plus this share of the rest at random (what was missed)
-    fpr: float = Field(0.05, gt=0.0, lt=1.0)  # chance an image never memorized is flagged (held-out images)
+    fpr: float = Field(0.05, gt=0.0, lt=1.0)  # expected share of images flagged by chance, at most (held-out images)
     shown: int = Field(24, ge=1)  # training images on the page, highest risk first (every reproduced one too)
     seed: int = 0
 

@@ -51,22 +51,30 @@ def summary_lines(summary: dict) -> list[str]:
     lines = [f"<b>{int(m['audit/reproduced'])} of {int(m['audit/images'])}</b> training images reproduced "
              f"(estimated share {_share(m, 'audit/reproduced_share')}, 95% interval)."]
     if summary["mode"] == "screen":
+        missed = m["audit/missed_estimate"]
+        estimate = (f"From a random sample of the rest, the screen missed an estimated {missed:.1f} images "
+                    f"[{m['audit/missed_estimate/ci_low']:.1f}, {m['audit/missed_estimate/ci_high']:.1f}]."
+                    if missed == missed else f"No random sample of the rest (audit.random_share 0): up to "
+                    f"{m['audit/missed_estimate/ci_high']:.0f} images were not looked at.")
         lines.append(f"Screen mode: all {int(m['audit/prompts'])} prompts scored by Wen's first-step noise magnitude; "
                      f"{int(m['audit/prompts_generated'])} generated ({int(m['audit/generations'])} images, "
-                     f"{m['audit/generation_share']:.0%} of what full mode generates). From a random sample of the rest, "
-                     f"the screen missed an estimated {m['audit/missed_estimate']:.1f} images "
-                     f"[{m['audit/missed_estimate/ci_low']:.1f}, {m['audit/missed_estimate/ci_high']:.1f}].")
+                     f"{m['audit/generation_share']:.0%} of what full mode generates). {estimate}")
     else:
         lines.append(f"Full mode: every one of {int(m['audit/prompts'])} prompts generated ({int(m['audit/generations'])} images).")
     if m["audit/threshold_calibrated"]:
         lines.append(f"Threshold {m['audit/threshold']:.3f} (relative L2), calibrated on {int(m['audit/holdout_images'])} "
-                     f"held-out images: an image never memorized is flagged with probability at most {summary['fpr']:.0%}.")
+                     f"held-out images: a generation that copies nothing passes with probability at most "
+                     f"{m['audit/generation_rate']:.2%}, so images never memorized are flagged at an expected share of "
+                     f"at most {summary['fpr']:.0%}.")
     else:
         lines.append(f"Threshold {m['audit/threshold']:.3f}: the published one. No held-out images were given, so its "
                      "false-positive rate on these images is unknown; pass --holdout to calibrate it.")
     if "audit/planted_recall" in m:
-        lines.append(f"Ground truth (planted duplicates): recall {_share(m, 'audit/planted_recall')}; other images "
-                     f"flagged {_share(m, 'audit/other_flagged_share')}.")
+        others = f"; other images flagged {_share(m, 'audit/other_flagged_share')}" if "audit/other_flagged_share" in m else ""
+        lines.append(f"Ground truth (planted duplicates): recall {_share(m, 'audit/planted_recall')}{others}.")
+    if summary.get("inference"):
+        lines.append(f"The model applies {', '.join(summary['inference'])} while it generates; the screen scores "
+                     "it without (Wen's first step on the plain U-Net).")
     return lines
 
 

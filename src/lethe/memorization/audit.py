@@ -5,17 +5,20 @@
    averaged over `screen_seeds` starting noises. One guided U-Net pass per seed instead of a whole sampling.
 2. **Select.** Full mode: every prompt. Screen mode: the highest-scoring `generate_share` of the prompts,
    plus `random_share` of the rest drawn at random, which estimates what the screen missed.
-3. **Generate** up to K images per selected prompt, seed `prompt index x K + round`, so a screen-mode
-   generation is the very image full mode makes for that prompt and seed. In screen mode a prompt stops at
-   its first copy: one copy answers the question for its image.
+3. **Generate** images for each selected prompt, seed `prompt index x K + round`, so a screen-mode
+   generation is the very image full mode makes for that prompt and seed: K per prompt in full mode; in
+   screen mode at most `screen_generations`, and a prompt stops at its first copy (one copy answers the
+   question for its image).
 4. **Judge.** A generation g and a training image i are compared by relative L2 (Carlini et al.; the
    evaluation's criterion): d(g, i) over the mean distance from g to its n nearest training images. An
    image's score is the lowest over all generations; it is reproduced when that is below the threshold.
    Only g's n nearest can fall below a threshold under 1 (d(g, i) >= the mean beyond them), so the search
-   keeps those. The threshold flags `fpr / K` of held-out real images scored the same way: each of an
-   image's up to K generations then passes by chance with probability at most fpr / K, so an image never
-   memorized is flagged with probability at most `fpr` (the union bound). Without held-out images, the
-   published threshold applies and its false-positive rate on this data is unknown.
+   keeps those. The threshold is calibrated on held-out real images scored the same way, at the rate
+   alpha = fpr x images / (prompts x K): a generation that copies nothing passes with probability at most
+   alpha (the conformal bound below), full mode makes prompts x K generations, so the expected number of
+   images flagged by chance is at most fpr x images (one passing generation flags one image, or several
+   near-identical ones). Without held-out images, the published threshold applies and its false-positive
+   rate on this data is unknown.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from lethe.errors import LetheError
 from lethe.memorization.neighbors import nearest_neighbors
 
 ALPHA = 0.05
@@ -76,11 +80,21 @@ def relative_l2_of_nearest(images: torch.Tensor, train: torch.Tensor, n: int, ch
     return d[:, 0] / d.mean(1).clamp_min(1e-12)
 
 
-def calibrated_threshold(holdout_scores: torch.Tensor, fpr: float, generations_per_prompt: int) -> float:
-    """The value that flags floor(fpr / K x n) of the held-out images (the k-th smallest, copies strictly below)."""
-    from lethe.memorization.calibration import threshold_at
+def calibrated_threshold(holdout_scores: torch.Tensor, alpha: float, where: str = "held-out images") -> float:
+    """The k-th smallest held-out score, k = floor(alpha (n + 1)), copies strictly below it: a new image
+    exchangeable with the held-out ones falls below it with probability k / (n + 1) <= alpha (the
+    split-conformal bound). Too few held-out images for alpha (k = 0) is an error, not a silent guess."""
+    n = len(holdout_scores)
+    k = int(np.floor(alpha * (n + 1) + 1e-9))
+    if k < 1:
+        raise LetheError(f"{where}: {n} held-out images cannot calibrate a per-generation rate of {alpha:.4f}; "
+                         f"give at least {int(np.ceil(1 / alpha)) - 1}, or raise audit.fpr")
+    return float(holdout_scores.double().sort().values[k - 1])
 
-    return threshold_at(holdout_scores, fpr / generations_per_prompt, below=True)
+
+def generation_rate(fpr: float, images: int, prompts: int, generations_per_prompt: int) -> float:
+    """alpha: the per-generation rate that keeps the expected share of images flagged by chance at fpr."""
+    return min(1.0, fpr * images / (prompts * generations_per_prompt))
 
 
 def select(scores: np.ndarray, generate_share: float, random_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,27 +120,32 @@ def share_with_interval(key: str, flags: np.ndarray) -> dict[str, float]:
     return {key: float(flags.mean()), f"{key}/ci_low": low, f"{key}/ci_high": high}
 
 
-def reproduced_share(reproduced: np.ndarray, top: np.ndarray | None, drawn: np.ndarray | None) -> dict[str, float]:
-    """The share of training images reproduced, with its 95% interval.
+def reproduced_share(reproduced: np.ndarray, screened: np.ndarray | None, sampled: np.ndarray | None) -> dict[str, float]:
+    """The share of training images reproduced, with its 95% interval (images by index).
 
-    Full mode (top is None): every image had its prompt generated; the exact binomial interval over images.
-    Screen mode: the images found among the screened-in prompts are counted; the rest is estimated from the
-    random sample of it, whose exact interval, scaled to the rest's size, is the interval of what was missed.
+    Full mode (screened is None): every image had its prompt generated; the exact interval over images.
+    Screen mode: every image found counts. The images neither screened in nor sampled, and not found anyway
+    (another prompt's generation may copy an image), are estimated from the random sample of the rest:
+    the share of its images reproduced, with its exact interval, times their number. Without a sample,
+    nothing is known of them: the interval runs to all of them.
     """
     n = len(reproduced)
-    if top is None:
+    if screened is None:
         return share_with_interval("audit/reproduced_share", reproduced)
-    rest = n - len(top)
-    unsampled = rest - len(drawn)
-    found = int(reproduced[top].sum()) + int(reproduced[drawn].sum())
-    sampled = int(reproduced[drawn].sum())
-    share = sampled / len(drawn) if len(drawn) else 0.0
-    low, high = binomial_interval(sampled, len(drawn)) if len(drawn) else (0.0, 1.0)
+    found = int(reproduced.sum())
+    unseen = np.ones(n, dtype=bool)
+    unseen[screened], unseen[sampled] = False, False
+    unknown = int((unseen & ~reproduced).sum())
+    if len(sampled):
+        rate = float(reproduced[sampled].mean())
+        low, high = binomial_interval(int(reproduced[sampled].sum()), len(sampled))
+    else:
+        rate, low, high = float("nan"), 0.0, 1.0
     return {
-        "audit/reproduced_share": (found + unsampled * share) / n,
-        "audit/reproduced_share/ci_low": (found + unsampled * low) / n,
-        "audit/reproduced_share/ci_high": (found + unsampled * high) / n,
-        "audit/missed_estimate": unsampled * share,  # images of prompts neither screened in nor sampled
-        "audit/missed_estimate/ci_low": unsampled * low,
-        "audit/missed_estimate/ci_high": unsampled * high,
+        "audit/reproduced_share": (found + unknown * (0.0 if np.isnan(rate) else rate)) / n,
+        "audit/reproduced_share/ci_low": (found + unknown * low) / n,
+        "audit/reproduced_share/ci_high": (found + unknown * high) / n,
+        "audit/missed_estimate": unknown * rate,  # NaN without a random sample
+        "audit/missed_estimate/ci_low": unknown * low,
+        "audit/missed_estimate/ci_high": unknown * high,
     }

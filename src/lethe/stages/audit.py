@@ -24,9 +24,10 @@ import torch
 
 from lethe.config import Params
 from lethe.errors import LetheError
-from lethe.files import atomic_dir, fingerprint, write_json
+from lethe.files import atomic_dir, content_hash, fingerprint, write_json
 from lethe.memorization.audit import (
-    Judged, calibrated_threshold, relative_l2_of_nearest, reproduced_share, select, share_with_interval,
+    Judged, calibrated_threshold, generation_rate, relative_l2_of_nearest, reproduced_share, select,
+    share_with_interval,
 )
 from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
 from lethe.progress import progress
@@ -153,7 +154,6 @@ def generate_and_judge(model, scheduler, prompts: list[str], selected: list[int]
 
 def open_inputs(target, model_path, lora, images, holdout, name):
     """The model and the images: a variant of this pipeline on the prepared splits, or what a user brought."""
-    from lethe.files import content_hash
     from lethe.models.brought import load_brought_model
 
     if target is not None:
@@ -200,15 +200,20 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
     else:
         top, drawn = select(screen, cfg.generate_share, cfg.random_share, cfg.seed)
     # the threshold, from held-out images when there are some
+    alpha = generation_rate(cfg.fpr, len(data.pixels), len(prompts), k)
     if data.holdout is not None:
         held_out = relative_l2_of_nearest(data.holdout, data.pixels, params.evaluate.rel_l2_n, params.evaluate.chunk_size)
-        threshold = calibrated_threshold(held_out, cfg.fpr, k)
+        threshold = calibrated_threshold(held_out, alpha, holdout or f"{DATA} (holdout split)")
     else:
         threshold = params.evaluate.rel_l2_threshold
     # 3. generate, judging each batch as it comes
     cache = AUDIT_CACHE / name
     cache.mkdir(parents=True, exist_ok=True)
-    model_key = fingerprint([Path(model_path)] + ([Path(lora)] if lora else [])) + json.dumps(sample.model_dump())
+    code = Path(__file__).resolve().parents[1]  # the sampler and the inference-time mitigations make the images
+    source = [code / "sampling.py", *sorted((code / "inference").glob("*.py"))]
+    model_key = (fingerprint([Path(model_path)] + ([Path(lora)] if lora else []))
+                 + "".join(content_hash(file) for file in source)
+                 + json.dumps([sample.model_dump(), params.diffusion.model_dump()]))
     rounds = k if mode == "full" else min(k, cfg.screen_generations)
     made = generate_and_judge(model, scheduler, prompts, [int(p) for p in np.concatenate([top, drawn])], rounds, k,
                               mode == "screen", data, threshold, params, cache, model_key)
@@ -225,6 +230,7 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
         "audit/threshold": threshold, "audit/threshold_calibrated": float(data.holdout is not None),
         "audit/holdout_images": float(len(data.holdout) if data.holdout is not None else 0),
         "audit/reproduced": float(reproduced.sum()),
+        "audit/generation_rate": alpha,
         **reproduced_share(reproduced, None if mode == "full" else np.flatnonzero(in_top),
                            None if mode == "full" else np.flatnonzero(in_drawn & ~in_top)),
     }
@@ -250,7 +256,7 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
                        "selected": chosen.get(i, "no"), "generations": int(made.generations[i]),
                        "copies": int(made.copies[i])} for i, p in enumerate(prompts)]
     summary = {"name": name, "model": model_path, "lora": lora, "variant": variant, "images": data.source,
-               "mode": mode, "fpr": cfg.fpr, "metrics": metrics}
+               "mode": mode, "fpr": cfg.fpr, "inference": sorted(model.spec.inference), "metrics": metrics}
     ranked = sorted(range(len(entries)), key=lambda i: -entries[i]["risk"])
     with atomic_dir(audit_dir(name)) as tmp:
         write_json(tmp / "audit.json", {**summary, "training_images": entries, "prompts": prompt_entries})
@@ -258,10 +264,10 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
         shown = [(entries[i], to_uint8(data.pixels[i]), [pixels(g) for g, _ in closest[i][:3]])
                  for i in ranked[: max(cfg.shown, int(reproduced.sum()))]]
         (tmp / "index.html").write_text(audit_page(summary, shown, prompt_entries, tmp / "risk.png"))
+    write_json(audit_summary(name), metrics)  # beside the page before MLflow, which may fail on its own
     with stage_run(params, stage="audit", method=name, sections=("audit", "sample"), data_hash=data_hash):
         mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
         mlflow.log_artifacts(str(audit_dir(name)), "audit")
-    write_json(audit_summary(name), metrics)
     used = {_batch_file(cache, key) for key, _ in made.where}
     for stale in set(cache.glob("*.npy")) - used:  # batches of an earlier model or settings
         stale.unlink()
