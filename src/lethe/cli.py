@@ -10,13 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 
-# the model hub's loading bars ("Loading weights") are noise beside the stages' own progress; read at import
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-from lethe.methods import METHODS, MITIGATE, VARIANTS  # noqa: E402
+from lethe.methods import METHODS, MITIGATE, VARIANTS
 
 # stage: its help line; every stage is `lethe.stages.<stage>.<stage>(params, ...)`
 STAGES = {

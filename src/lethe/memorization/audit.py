@@ -74,12 +74,6 @@ class Judged:
         return closest
 
 
-def relative_l2_of_nearest(images: torch.Tensor, train: torch.Tensor, n: int, chunk_size: int = 65536) -> torch.Tensor:
-    """Each image's relative L2 to its nearest training image: how held-out real images calibrate the threshold."""
-    d, _ = nearest_neighbors(images, train, k=n, chunk_size=chunk_size)
-    return d[:, 0] / d.mean(1).clamp_min(1e-12)
-
-
 def calibrated_threshold(holdout_scores: torch.Tensor, alpha: float, where: str = "held-out images") -> float:
     """The k-th smallest held-out score, k = floor(alpha (n + 1)), copies strictly below it: a new image
     exchangeable with the held-out ones falls below it with probability k / (n + 1) <= alpha (the

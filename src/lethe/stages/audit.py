@@ -26,9 +26,9 @@ from lethe.config import Params
 from lethe.errors import LetheError
 from lethe.files import atomic_dir, content_hash, fingerprint, write_json
 from lethe.memorization.audit import (
-    Judged, calibrated_threshold, generation_rate, relative_l2_of_nearest, reproduced_share, select,
-    share_with_interval,
+    Judged, calibrated_threshold, generation_rate, reproduced_share, select, share_with_interval,
 )
+from lethe.memorization.replication import Criteria, pixel_scores
 from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
 from lethe.progress import progress
 
@@ -202,7 +202,8 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
     # the threshold, from held-out images when there are some
     alpha = generation_rate(cfg.fpr, len(data.pixels), len(prompts), k)
     if data.holdout is not None:
-        held_out = relative_l2_of_nearest(data.holdout, data.pixels, params.evaluate.rel_l2_n, params.evaluate.chunk_size)
+        criteria = Criteria(rel_l2_n=params.evaluate.rel_l2_n, chunk_size=params.evaluate.chunk_size)
+        held_out = pixel_scores(data.holdout, data.pixels, criteria)["rel_l2"]  # the evaluation's own criterion
         threshold = calibrated_threshold(held_out, alpha, holdout or f"{DATA} (holdout split)")
     else:
         threshold = params.evaluate.rel_l2_threshold
