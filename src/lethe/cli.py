@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from lethe.methods import METHODS, MITIGATE, VARIANTS
@@ -32,8 +33,9 @@ STAGES = {
     "promote": "move a registry alias by hand (champion must pass the policy)",
     "audit": "which training images a model reproduces: a variant, or a model you bring",
 }
-# not a stage: writes params.yaml from a preset, every section filled in
+# not stages: writes params.yaml from a preset, every section filled in; runs DVC's stages side by side
 PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/, every section filled in"
+REPRO_HELP = "dvc repro with independent stages side by side (one thread each), recorded by dvc commit"
 
 
 def _positive(value: str) -> int:
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     stages = main.add_subparsers(dest="stage", required=True)
     commands = {name: stages.add_parser(name, help=text) for name, text in STAGES.items()}
     stages.add_parser("preset", help=PRESET_HELP).add_argument("source", help="a preset, e.g. pipelines/smoke/params.yaml")
+    repro = stages.add_parser("repro", help=REPRO_HELP)
+    repro.add_argument("targets", nargs="*", help="stages to reproduce with their upstream stages (default: all)")
+    repro.add_argument("--jobs", "-j", type=_positive, default=None, help="stages at a time (default: the CPU count)")
     commands["train"].add_argument("method", choices=METHODS)
     commands["evaluate"].add_argument("variant", choices=VARIANTS)
     commands["mitigate"].add_argument("variant", choices=MITIGATE)
@@ -113,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             write_text(args.params, materialized(args.source))
             print(f"{args.params}: written from {args.source}")
             return 0
+        if args.stage == "repro":
+            from lethe.repro import repro
+
+            return repro(args.targets, args.jobs or os.cpu_count() or 1)
         params = load_params(args.params)
         stage = getattr(importlib.import_module(f"lethe.stages.{args.stage}"), args.stage)
         result = stage(params, *arguments(args))

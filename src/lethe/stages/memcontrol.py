@@ -8,7 +8,6 @@ by its study tag, so a resumed study keeps adding to the same parent.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def _join(params: Params, inputs, study) -> dict:
 
 def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | None = None, join: bool = False) -> dict:
     workers = workers or params.memcontrol.workers
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share this machine
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))  # the workers share this process's cores
     _connect(params)
     inputs = load_inputs(params)
     study = open_study(inputs, worker=-1 if join else 0)

@@ -1,0 +1,110 @@
+"""`lethe repro`: DVC's stages side by side, recorded by DVC, on a real DVC repository of tiny stages."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# a reads seed.txt and writes a.txt; b and c each read it and take a second; d reads both
+DVC_YAML = textwrap.dedent("""\
+    stages:
+      a:
+        cmd: python step.py a seed.txt
+        deps: [seed.txt]
+        outs: [a.txt]
+      b:
+        cmd: python step.py b a.txt
+        deps: [a.txt]
+        outs: [b.txt]
+      c:
+        cmd: python step.py c a.txt
+        deps: [a.txt]
+        outs: [c.txt]
+      d:
+        cmd: python step.py d b.txt c.txt
+        deps: [b.txt, c.txt]
+        outs: [d.txt]
+    """)
+STEP = textwrap.dedent("""\
+    import os, sys, time
+    name, inputs = sys.argv[1], sys.argv[2:]
+    if os.environ.get("FAIL") == name:
+        sys.exit(3)
+    with open("times.log", "a") as log:
+        log.write(f"{name} start {time.time()} threads {os.environ.get('OMP_NUM_THREADS')}\\n")
+    print(f"working on {name}", flush=True)
+    time.sleep(1.0 if name in "bc" else 0.1)
+    text = "".join(open(i).read() for i in inputs) + name
+    open(f"{name}.txt", "w").write(text)
+    with open("times.log", "a") as log:
+        log.write(f"{name} end {time.time()}\\n")
+    """)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    (tmp_path / "step.py").write_text(STEP)
+    (tmp_path / "seed.txt").write_text("s")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, env=env, check=True)
+    return tmp_path, env
+
+
+def lethe_repro(repo, env, *args, **extra):
+    return subprocess.run([sys.executable, "-m", "lethe.cli", "repro", *args], cwd=repo, env={**env, **extra},
+                          capture_output=True, text=True)
+
+
+def times(repo) -> dict[str, float]:
+    out = {}
+    for line in (repo / "times.log").read_text().splitlines():
+        name, event, when, *rest = line.split()
+        out[f"{name} {event}"] = float(when)
+        if rest:
+            out[f"{name} threads"] = rest[1]
+    return out
+
+
+def test_independent_stages_run_side_by_side_and_dvc_records_them(repo):
+    repo, env = repo
+    result = lethe_repro(repo, env, "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    t = times(repo)
+    assert t["b start"] < t["c end"] and t["c start"] < t["b end"]  # b and c overlapped
+    assert t["a end"] <= min(t["b start"], t["c start"]) and t["d start"] >= max(t["b end"], t["c end"])
+    assert t["b threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "b: working on b" in result.stdout and "4 stages ran" in result.stdout
+    assert (repo / "d.txt").read_text() == "sabsacd"
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "up to date" in status
+    again = lethe_repro(repo, env)
+    assert again.returncode == 0 and "0 stages ran, 4 up to date" in again.stdout
+
+    # a changed input re-runs what depends on it, as dvc repro would; a target brings its upstream stages
+    (repo / "seed.txt").write_text("t")
+    rerun = lethe_repro(repo, env, "d")
+    assert "4 stages ran" in rerun.stdout and (repo / "d.txt").read_text() == "tabtacd"
+
+
+def test_a_failed_stage_stops_the_rest_and_keeps_what_finished(repo):
+    repo, env = repo
+    result = lethe_repro(repo, env, "--jobs", "2", FAIL="c")
+    assert result.returncode == 3
+    assert "stage 'c' failed with exit code 3" in result.stdout and "not started: d" in result.stdout
+    assert not (repo / "d.txt").exists()
+    status = subprocess.run(["dvc", "status", "b"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "up to date" in status  # b finished beside c and is recorded
+
+
+def test_an_unknown_stage_is_one_line_and_exit_2(repo):
+    repo, env = repo
+    result = lethe_repro(repo, env, "nosuch")
+    assert result.returncode == 2 and "nosuch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
