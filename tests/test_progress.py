@@ -36,3 +36,29 @@ def test_a_training_stage_log_shows_its_steps_and_loss_and_no_library_banners(pr
     assert "\r" not in text
     for banner in ("Tip:", "GPU available", "deprecated", "flops_per_batch"):
         assert banner not in text, banner
+
+
+def test_a_bar_follows_the_share_of_cores_lethe_repro_gives(monkeypatch, tmp_path):
+    import torch
+
+    from lethe import progress as module
+
+    before = torch.get_num_threads()
+    share = tmp_path / "cores"
+    share.write_text("1")
+    monkeypatch.setenv(module.CORES_FILE, str(share))
+    monkeypatch.setattr(module, "_last_follow", [float("-inf")])
+    try:
+        torch.set_num_threads(2)
+        list(module.progress(range(3), desc="x"))  # iterating is a heartbeat too
+        assert torch.get_num_threads() == 1
+        share.write_text("2")
+        bar = module.progress(total=3, desc="y")
+        bar.update()  # within FOLLOW_INTERVAL of the last read: nothing changes yet
+        assert torch.get_num_threads() == 1
+        module._last_follow[0] = float("-inf")
+        bar.update()
+        bar.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

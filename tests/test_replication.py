@@ -50,8 +50,8 @@ def test_chunked_and_unchunked_scores_agree_exactly(train_images):
     chunked = scores_for(queries, train_images, chunk_size=13)
     for key in ("nearest", "sim_nearest"):
         assert torch.equal(whole[key], chunked[key])
-    for key in ("sim", "nn_ratio", "rel_l2"):
-        assert torch.allclose(whole[key], chunked[key], atol=1e-6)
+    for key in ("sim", "nn_ratio", "rel_l2"):  # float32 rounding: with two threads a chunk's matmul sums in
+        assert torch.allclose(whole[key], chunked[key], atol=1e-5)  # another order (7e-6 seen on nn_ratio)
 
 
 def test_featurizer_learns_digits_and_fd_tells_sets_apart():

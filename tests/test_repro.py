@@ -35,8 +35,9 @@ STEP = textwrap.dedent("""\
     name, inputs = sys.argv[1], sys.argv[2:]
     if os.environ.get("FAIL") == name:
         sys.exit(3)
+    share = open(os.environ["LETHE_CORES_FILE"]).read()
     with open("times.log", "a") as log:
-        log.write(f"{name} start {time.time()} threads {os.environ.get('OMP_NUM_THREADS')}\\n")
+        log.write(f"{name} start {time.time()} threads {os.environ.get('OMP_NUM_THREADS')} share {share}\\n")
     print(f"working on {name}", flush=True)
     time.sleep(1.0 if name in "bc" else 0.1)
     text = "".join(open(i).read() for i in inputs) + name
@@ -69,7 +70,7 @@ def times(repo) -> dict[str, float]:
         name, event, when, *rest = line.split()
         out[f"{name} {event}"] = float(when)
         if rest:
-            out[f"{name} threads"] = rest[1]
+            out[f"{name} threads"], out[f"{name} share"] = rest[1], rest[3]
     return out
 
 
@@ -80,7 +81,9 @@ def test_independent_stages_run_side_by_side_and_dvc_records_them(repo):
     t = times(repo)
     assert t["b start"] < t["c end"] and t["c start"] < t["b end"]  # b and c overlapped
     assert t["a end"] <= min(t["b start"], t["c start"]) and t["d start"] >= max(t["b end"], t["c end"])
-    assert t["b threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+    cores = os.cpu_count() or 1
+    assert t["b threads"] == t["b share"] == str(max(1, cores // 2))  # beside c: half the cores
+    assert t["d threads"] == t["d share"] == str(cores)  # alone: all of them
     assert "b: working on b" in result.stdout and "4 stages ran" in result.stdout
     assert (repo / "d.txt").read_text() == "sabsacd"
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout

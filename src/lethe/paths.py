@@ -47,6 +47,7 @@ def outcomes_file(variant: str) -> Path:
 
 REGISTRY = REPORTS / "registry.json"  # register: versions, aliases and the policy's verdicts
 AUDIT_CACHE = Path(".lethe/audit")  # audit: generations per batch, so a killed audit resumes
+REPRO_CORES = Path(".lethe/repro/cores")  # lethe repro: how many threads each running stage may use now
 
 
 def audit_dir(name: str) -> Path:

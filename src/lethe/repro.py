@@ -8,6 +8,10 @@ cores / jobs threads. DVC decides everything else as it would: a stage runs only
 its outputs are removed first, and after it succeeds `dvc commit` records it in dvc.lock and the cache.
 Afterwards `dvc status` is clean and `dvc repro` has nothing to do.
 
+The cores are shared out as the stages come and go: `.lethe/repro/cores` holds cores / running stages,
+and each stage's long loops follow it (`lethe.progress`), so the pretraining that runs alone for most of
+its time takes both cores instead of the one it started with beside the featurizer.
+
 Each line a stage prints comes out prefixed with the stage's name, so two stages' progress can be told
 apart in one log. The first failure stops new stages from starting; the running ones finish and are
 recorded, and the failing stage's exit code is returned.
@@ -20,12 +24,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from lethe.errors import LetheError
+from lethe.files import write_text
+from lethe.paths import REPRO_CORES
+from lethe.progress import CORES_FILE
 
 
 def _plan(repo, targets: list[str]) -> tuple[list[str], dict[str, set[str]]]:
-    """The stages to consider, dependencies first, and each one's upstream stages (by address)."""
+    """The stages to consider, in the order to start them, and each one's upstream stages (by address).
+    A stage starts once its upstream stages are done; among those that may start, the one more stages wait
+    for goes first: the baseline's fine-tune and evaluation before the other variants', which need them."""
     import networkx as nx
 
     graph = repo.index.graph  # edges point from a stage to the stages it depends on
@@ -40,7 +50,8 @@ def _plan(repo, targets: list[str]) -> tuple[list[str], dict[str, set[str]]]:
     else:
         wanted = set(graph.nodes)
     sub = graph.subgraph(wanted)
-    order = [stage.addressing for stage in reversed(list(nx.topological_sort(sub)))]
+    topological = list(reversed(list(nx.topological_sort(sub))))
+    order = [stage.addressing for stage in sorted(topological, key=lambda stage: -len(nx.ancestors(sub, stage)))]
     upstream = {stage.addressing: {dep.addressing for dep in sub.successors(stage)} for stage in sub.nodes}
     return order, upstream
 
@@ -82,8 +93,14 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
     started = time.perf_counter()
     with Repo() as repo:
         order, upstream = _plan(repo, targets)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cores_file = Path(repo.root_dir) / REPRO_CORES
+    cores = os.cpu_count() or 1
+
+    def share(stages: int) -> str:  # each running stage's threads, written where the stages read it
+        threads = str(max(1, cores // max(1, stages)))
+        write_text(cores_file, threads)
+        return threads
+
     pending, running, done, ran, failed = list(order), {}, set(), [], None
     while pending or running:
         for address in list(pending):
@@ -100,6 +117,9 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
             cmd, wdir = command
             out.write(f"Running stage '{address}':\n> {cmd}\n")
             out.flush()
+            threads = share(len(running) + 1)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                   CORES_FILE: str(cores_file)}
             process = subprocess.Popen(cmd, shell=True, cwd=wdir, env=env, text=True, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, bufsize=1)
             relay = threading.Thread(target=_relay, args=(address, process, out), daemon=True)
@@ -113,6 +133,7 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
             continue
         for address in finished:
             process, relay, began = running.pop(address)
+            share(len(running))
             relay.join()
             if process.returncode != 0:
                 out.write(f"lethe repro: stage '{address}' failed with exit code {process.returncode}\n")

@@ -4,6 +4,9 @@ share them.
 
 Replication is measured against every image the variant was trained on (pretraining and target
 splits); quality against the holdout images, which no model saw.
+
+torchmetrics is imported where FD and KID are computed, not here: its import loads torchvision's models
+and torch._dynamo (about 5 s), which the stages that only score replication (calibrate) never use.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import poly_kernel
 
 from lethe.config import EvaluateConfig
 from lethe.data.prepared import PreparedData
@@ -54,6 +55,8 @@ class FeatureSpace(torch.nn.Module):
 
 
 def frechet_distance(featurizer: Featurizer | FeatureSpace, real: torch.Tensor, fake: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     fd = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
     fd.update(real, real=True)
     fd.update(fake, real=False)
@@ -65,6 +68,8 @@ class FeatureDistances:
     real features, for any subset of the generations: what the bootstrap over prompts needs."""
 
     def __init__(self, real: torch.Tensor, kid_subsets: int = 20):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         self.real, self.kid_subsets = real, kid_subsets
         self.fd = FrechetInceptionDistance(feature=FeatureSpace(lambda x: x, real.shape[1]), reset_real_features=False)
         self.fd.update(real, real=True)
@@ -83,6 +88,8 @@ class FeatureDistances:
         subset when there are no more fakes than reals). The subsets are drawn once, from a fixed seed, so
         resampled prompts (intervals.py) are not blurred by fresh subset noise, and each subset's real-real
         kernel is summed once; a call costs one fake-fake and one real-fake kernel."""
+        from torchmetrics.image.kid import poly_kernel
+
         m = len(fake)
         if m > len(self.real) or m < 2:
             return float("nan")
@@ -94,6 +101,8 @@ class FeatureDistances:
         return values.mean().item()
 
     def _subsets(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchmetrics.image.kid import poly_kernel
+
         if m not in self._real_subsets:
             generator = torch.Generator().manual_seed(0)
             subsets = torch.stack([torch.randperm(len(self.real), generator=generator)[:m] for _ in range(self.kid_subsets)])

@@ -8,6 +8,7 @@ by its study tag, so a resumed study keeps adding to the same parent.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from filelock import FileLock  # noqa: E402
 from lethe.config import Params  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.paths import CHOSEN_MASK, DATA, PLOTS, REPORTS, SEARCH_METRICS  # noqa: E402
+from lethe.progress import CORES_FILE  # noqa: E402
 from lethe.search.memcontrol import (  # noqa: E402
     checkpoint_root, choose, completed, describe, load_inputs, open_study, reference, subset_name, work,
 )
@@ -66,6 +68,8 @@ def _join(params: Params, inputs, study) -> dict:
 def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | None = None, join: bool = False) -> dict:
     workers = workers or params.memcontrol.workers
     torch.set_num_threads(max(1, torch.get_num_threads() // workers))  # the workers share this process's cores
+    if workers > 1:  # and keep that split: `lethe repro`'s share of the cores is for a single process
+        os.environ.pop(CORES_FILE, None)
     _connect(params)
     inputs = load_inputs(params)
     study = open_study(inputs, worker=-1 if join else 0)
