@@ -8,7 +8,7 @@ same architecture with random weights: the cost does not depend on the weights),
 same batch size and steps; the runs alternate so that drift on a shared machine hits both. Prints one
 JSON object. Goal: ratio >= 0.9.
 
-    python benchmarks/sampling.py [--images 256] [--repeats 3]
+    python benchmarks/sampling.py [--images 256] [--repeats 3]    # from the repository root: params.yaml's `sample`
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lethe.config import Params
+from lethe.config import Params, load_params
 from lethe.data.sources import prepare
 from lethe.diffusion import guide
 from lethe.models.diffusion_model import build_model, build_scheduler, load_model
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    params = Params()
+    params = load_params("params.yaml") if Path("params.yaml").exists() else Params()
     data = prepare(params.data)
     trained = Path("models/baseline")
     if (trained / "weights.safetensors").exists():

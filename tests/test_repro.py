@@ -111,3 +111,21 @@ def test_an_unknown_stage_is_one_line_and_exit_2(repo):
     repo, env = repo
     result = lethe_repro(repo, env, "nosuch")
     assert result.returncode == 2 and "nosuch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_interrupted_repro_stops_its_stages(repo):
+    import signal
+    import time
+
+    repo, env = repo
+    (repo / "dvc.yaml").write_text(DVC_YAML.replace("python step.py b a.txt", "python -c 'import time; time.sleep(60)'"))
+    process = subprocess.Popen([sys.executable, "-m", "lethe.cli", "repro", "b"], cwd=repo, env=env,
+                               stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "Running stage 'b'" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
+    left = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
+    assert not left  # the stage's sleep was stopped with lethe repro

@@ -20,6 +20,7 @@ recorded, and the failing stage's exit code is returned.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -102,50 +103,55 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
         return threads
 
     pending, running, done, ran, failed = list(order), {}, set(), [], None
-    while pending or running:
-        for address in list(pending):
-            if failed is not None or len(running) >= jobs:
-                break
-            if not upstream[address] <= done:
+    try:
+        while pending or running:
+            for address in list(pending):
+                if failed is not None or len(running) >= jobs:
+                    break
+                if not upstream[address] <= done:
+                    continue
+                pending.remove(address)
+                command = _prepare(address)
+                if command is None:
+                    out.write(f"Stage '{address}' didn't change, skipping\n")
+                    done.add(address)
+                    continue
+                cmd, wdir = command
+                out.write(f"Running stage '{address}':\n> {cmd}\n")
+                out.flush()
+                threads = share(len(running) + 1)
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       CORES_FILE: str(cores_file)}
+                process = subprocess.Popen(cmd, shell=True, cwd=wdir, env=env, text=True, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, bufsize=1, start_new_session=True)
+                relay = threading.Thread(target=_relay, args=(address, process, out), daemon=True)
+                relay.start()
+                running[address] = (process, relay, time.perf_counter())
+            finished = [a for a, (p, _, _) in running.items() if p.poll() is not None]
+            if not finished:
+                if failed is not None and not running:
+                    break
+                time.sleep(0.2)
                 continue
-            pending.remove(address)
-            command = _prepare(address)
-            if command is None:
-                out.write(f"Stage '{address}' didn't change, skipping\n")
+            for address in finished:
+                process, relay, began = running.pop(address)
+                share(len(running))
+                relay.join()
+                if process.returncode != 0:
+                    out.write(f"lethe repro: stage '{address}' failed with exit code {process.returncode}\n")
+                    failed = failed if failed is not None else process.returncode
+                    continue
+                _commit(address)
                 done.add(address)
-                continue
-            cmd, wdir = command
-            out.write(f"Running stage '{address}':\n> {cmd}\n")
-            out.flush()
-            threads = share(len(running) + 1)
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                   CORES_FILE: str(cores_file)}
-            process = subprocess.Popen(cmd, shell=True, cwd=wdir, env=env, text=True, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, bufsize=1)
-            relay = threading.Thread(target=_relay, args=(address, process, out), daemon=True)
-            relay.start()
-            running[address] = (process, relay, time.perf_counter())
-        finished = [a for a, (p, _, _) in running.items() if p.poll() is not None]
-        if not finished:
+                ran.append(address)
+                out.write(f"Stage '{address}' done in {time.perf_counter() - began:.0f} s, recorded in dvc.lock\n")
+                out.flush()
             if failed is not None and not running:
                 break
-            time.sleep(0.2)
-            continue
-        for address in finished:
-            process, relay, began = running.pop(address)
-            share(len(running))
-            relay.join()
-            if process.returncode != 0:
-                out.write(f"lethe repro: stage '{address}' failed with exit code {process.returncode}\n")
-                failed = failed if failed is not None else process.returncode
-                continue
-            _commit(address)
-            done.add(address)
-            ran.append(address)
-            out.write(f"Stage '{address}' done in {time.perf_counter() - began:.0f} s, recorded in dvc.lock\n")
-            out.flush()
-        if failed is not None and not running:
-            break
+    finally:  # interrupted (Ctrl-C, an error here): no stage DVC has not recorded keeps running
+        for process, _, _ in running.values():
+            os.killpg(process.pid, signal.SIGTERM)  # the shell and the stage it started
+
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     if failed is not None:
         out.write(f"lethe repro: stopped after a failure; {len(ran)} stages ran, not started: {', '.join(pending)}\n")
