@@ -153,7 +153,7 @@ def test_every_declared_method_has_its_stages():
 
 def test_dvc_yaml_names_the_paths_the_code_shares():
     """Each path in `lethe.paths` that a stage writes or reads is one dvc.yaml names (the caches under
-    .lethe/ stay outside DVC: it would delete them before a re-run)."""
+    .lethe/ stay outside DVC: it would delete them before a re-run; so does `lethe repro`'s share of the cores)."""
     from pathlib import PurePath
 
     from lethe import paths
@@ -161,6 +161,6 @@ def test_dvc_yaml_names_the_paths_the_code_shares():
     text = (ROOT / "dvc.yaml").read_text()
     shared = {name: value for name, value in vars(paths).items() if isinstance(value, PurePath)}
     outside = {name for name, value in shared.items() if value.parts[0] == ".lethe"}
-    assert outside == {"CHECKPOINTS", "LATENTS", "AUDIT_CACHE"}
+    assert outside == {"CHECKPOINTS", "LATENTS", "AUDIT_CACHE", "REPRO_CORES"}
     missing = [f"{name} = {value}" for name, value in shared.items() if name not in outside and str(value) not in text]
     assert not missing, f"dvc.yaml does not name {missing}"
