@@ -29,7 +29,8 @@ def follow_core_share() -> None:
         return
     _last_follow[0] = time.monotonic()
     try:
-        share = int(open(path).read())
+        with open(path) as file:
+            share = int(file.read())
     except (OSError, ValueError):
         return
     if share >= 1 and share != torch.get_num_threads():
