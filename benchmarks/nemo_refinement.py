@@ -46,10 +46,11 @@ def main() -> None:
         found, passes, started = [], 0, time.perf_counter()
         for record in chosen:
             states = encode(model, [record])
-            z = {layer: v[0] for layer, v in stats.z(value_activations(model, states)).items()}
-            score = MemorizationScore(model, t, noise, states)
-            neurons = localize(score, z, tau, cfg.iterations, batch_size)
-            found.append(sorted(map(list, neurons)) if neurons is not None else None)
+            activations = value_activations(model, states)
+            z = {layer: v[0] for layer, v in stats.z(activations).items()}
+            score = MemorizationScore(model, t, noise, states, tau)
+            located = localize(score, z, {k: v[0] for k, v in activations.items()}, tau, cfg.iterations, batch_size)
+            found.append(sorted(map(list, located.neurons)) if located is not None else None)
             passes += score.calls
         results[name] = {"seconds": round(time.perf_counter() - started, 3), "forward_passes": passes, "neurons": found}
     print(json.dumps({

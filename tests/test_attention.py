@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from lethe.localization.nemo import deactivate, first_passing, initial_candidates, refine, value_layers
+from lethe.localization.nemo import (deactivate, first_passing, initial_candidates, kept_seeds, refine, same_seed_score,
+                                     theta_schedule, value_layers)
 from lethe.memorization.attention import attention_control, cross_attention_layers, entropy
-from lethe.memorization.detectors import detection_quality, max_cross_seed_ssim
+from lethe.memorization.detectors import (detection_quality, memattn_scores, pairwise_similarities, seed_max_similarity,
+                                          similarity)
 from lethe.inference.memattn import through_first_end
 
 
@@ -102,11 +104,75 @@ def test_value_masks_apply_per_row(tiny_model):
     assert not torch.allclose(out[0], out[1], atol=1e-4)
 
 
-def test_cross_seed_ssim_is_one_for_identical_noise_differences():
+def test_seed_similarity_is_one_for_identical_noise_differences():
     same = torch.rand(1, 1, 1, 16, 16).expand(1, 4, 1, 16, 16)
     different = torch.rand(1, 4, 1, 16, 16)
-    assert max_cross_seed_ssim(same).item() == pytest.approx(1.0, abs=1e-4)
-    assert max_cross_seed_ssim(different).item() < 0.5
+    assert pairwise_similarities(same).min().item() == pytest.approx(1.0, abs=1e-4)
+    assert pairwise_similarities(different).max().item() < 0.5
+
+
+def test_each_seeds_best_match_on_worked_numbers():
+    pairwise = torch.tensor([[0.2, 0.7, 0.4]])  # seed pairs (0, 1), (0, 2), (1, 2)
+    assert seed_max_similarity(pairwise, 3).tolist() == [[pytest.approx(0.7), pytest.approx(0.4), pytest.approx(0.7)]]
+
+
+def test_similarity_is_ms_ssim_at_sd_latent_size_and_ssim_below():
+    from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                               structural_similarity_index_measure)
+    torch.manual_seed(0)
+    a = torch.rand(2, 4, 64, 64)
+    b = (a + 0.3 * torch.rand(2, 4, 64, 64)).clamp(0, 1)
+    ms = multiscale_structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=11, betas=(0.33, 0.33, 0.33),
+                                                        reduction="none")
+    assert torch.allclose(similarity(a, b), ms)
+    small = a[..., :16, :16], b[..., :16, :16]
+    assert torch.allclose(similarity(*small), structural_similarity_index_measure(*small, data_range=1.0, kernel_size=11,
+                                                                                  reduction="none"))
+
+
+def test_nemo_keeps_seeds_that_repeat_and_scores_blocked_against_the_same_seed():
+    """NeMo's score pairs a seed's blocked noise difference with its own intact one. Scoring across seeds
+    (the old i != j) would call a candidate that swaps two repeating seeds' outputs still memorized."""
+    torch.manual_seed(0)
+    shared, other = torch.rand(1, 16, 16), torch.rand(1, 16, 16)
+    intact = torch.stack([shared, shared + 0.02 * torch.rand(1, 16, 16), other])  # seeds 0 and 1 repeat, 2 does not
+    kept = kept_seeds(intact, tau=0.9)
+    assert kept.tolist() == [0, 1]
+    fresh = torch.rand(2, 1, 16, 16)
+    blocked = torch.stack([intact[kept],                        # nothing changed: still memorized
+                           torch.stack([fresh[0], intact[1]]),  # seed 1 untouched: the max keeps it memorized
+                           fresh])                              # both seeds changed
+    scores = same_seed_score(intact[kept], blocked)
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-4) and scores[1].item() == pytest.approx(1.0, abs=1e-4)
+    expected = max(similarity(fresh[i : i + 1], intact[i : i + 1]).item() for i in (0, 1))
+    assert scores[2].item() == pytest.approx(expected, abs=1e-6) and expected < 0.5
+
+
+def test_memattn_d_averages_layers_first_and_keeps_the_sign():
+    """Tokens [begin, word, end, padding], 5 steps (the last fifth is step 4), two layers. Averaged over
+    layers: step 0 is [.25, .15, .3, .3], step 4 [.4, .4, .1, .1]. D = H(step 4) + H_summary(step 4) −
+    H_summary(step 0) = 1.193550 + (0.460517 − 0.722384) = 0.931683; per-layer entropies with an absolute
+    shift gave 1.168335."""
+    steps = torch.full((5, 4), 0.25)
+    layer_a, layer_b = steps.clone(), steps.clone()
+    layer_a[0], layer_b[0] = torch.tensor([0.4, 0.2, 0.2, 0.2]), torch.tensor([0.1, 0.1, 0.4, 0.4])
+    layer_a[4], layer_b[4] = torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.1, 0.7, 0.1, 0.1])
+    ids = torch.tensor([[49406, 320, 49407, 49407]])
+    scores = memattn_scores({"a": layer_a[None], "b": layer_b[None]}, ids, end_id=49407, layer=0)
+    assert scores["memattn_d"].item() == pytest.approx(0.931683, abs=1e-5)
+    assert scores["memattn_e"].item() == pytest.approx(1.332179, abs=1e-5)  # layer a's entropy at step 0
+
+
+def test_memattn_reference_layer_is_the_fourth_cross_attention_of_sd():
+    """The stable-diffusion preset's detect.memattn_layer (3) names down_blocks.1.attentions.1, MemAttn's layer."""
+    from diffusers import UNet2DConditionModel
+
+    from lethe.config import load_params
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, cross_attention_dim=8,
+                                attention_head_dim=2, sample_size=8)  # SD 1.x's block layout, tiny widths
+    layer = load_params("pipelines/stable-diffusion/params.yaml").detect.memattn_layer
+    assert list(cross_attention_layers(unet))[layer].startswith("down_blocks.1.attentions.1.")
 
 
 def test_detection_quality_on_separable_and_inseparable_scores():
@@ -128,12 +194,19 @@ def synthetic_score(calls):
     return score
 
 
-def test_initial_selection_lowers_theta_and_raises_k():
-    z = {"l0": torch.tensor([0.0, 6.0, 2.0, 0.5]), "l1": torch.tensor([1.5, 0.1, 0.2])}
-    candidates = initial_candidates(z, iterations=3)
-    assert candidates[0] == {("l0", 1)}  # |z| > 5, k = 0
-    assert candidates[1] == {("l0", 1), ("l1", 0)}  # theta 4.75, top-1 of each layer
-    assert candidates[2] == {("l0", 1), ("l0", 2), ("l1", 0), ("l1", 2)}  # top-2
+def test_theta_schedule_runs_from_5_to_1_25():
+    schedule = theta_schedule(iterations=100)
+    assert len(schedule) == 16 and schedule[0] == (5.0, 0) and schedule[-1] == (1.25, 15)
+    assert theta_schedule(iterations=3) == [(5.0, 0), (4.75, 1), (4.5, 2)]
+
+
+def test_initial_selection_takes_z_above_theta_and_the_most_active_neurons():
+    z = {"l0": torch.tensor([0.0, 6.0, 2.0, -5.5]), "l1": torch.tensor([1.5, 0.1, 0.2])}
+    raw = {"l0": torch.tensor([3.0, 1.0, 0.5, 0.2]), "l1": torch.tensor([0.1, 0.9, 0.3])}  # activity, not |z|
+    candidates = initial_candidates(z, raw, iterations=3)
+    assert candidates[0] == {("l0", 1), ("l0", 3)}  # |z| > 5, k = 0
+    assert candidates[1] == {("l0", 1), ("l0", 3), ("l0", 0), ("l1", 1)}  # theta 4.75, the most active of each layer
+    assert candidates[2] == {("l0", 1), ("l0", 3), ("l0", 0), ("l1", 1), ("l1", 2)}  # top-2: l0's 1 already in
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
@@ -151,5 +224,7 @@ def test_refinement_returns_the_needed_set_below_tau_for_any_batch_size(batch_si
 def test_first_passing_finds_the_first_below_tau():
     calls = []
     sets = [frozenset(), frozenset({("l0", 1)}), frozenset(NEEDED), frozenset(NEEDED | {("l2", 0)})]
-    assert first_passing(sets, synthetic_score(calls), 0.5, batch_size=2) == 2
+    assert first_passing(sets, synthetic_score(calls), 0.5, batch_size=2) == (2, 0.2)
     assert first_passing(sets[:2], synthetic_score(calls), 0.5, batch_size=2) is None
+    assert first_passing(sets, synthetic_score(calls), 0.2, batch_size=2) is None  # strictly below, in refinement
+    assert first_passing(sets, synthetic_score(calls), 0.2, batch_size=2, inclusive=True) == (2, 0.2)  # at most, initially

@@ -1,16 +1,22 @@
 """NeMo: localize the memorization neurons of a prompt (Hintersdorf et al., NeurIPS 2024).
 
 Neurons are the output channels of the value projections (`to_v`) of the cross-attention layers in
-the down and mid blocks. For a memorized prompt:
+the down and mid blocks. For a memorized prompt, as the authors' code computes it:
 
-1. Score: the highest SSIM between the first-step noise differences of the model with the candidate
-   neurons deactivated and of the intact model, over pairs of different seeds (`memorization_score`).
-   It is below τ_mem (mean + one std of the intact score over holdout prompts) once memorization is gone.
-2. Initial selection: deactivate every neuron whose activation z-score (against holdout prompts)
-   exceeds θ in absolute value, plus the top-k of each layer; start at θ = 5, k = 0 and, while the
-   score stays above τ_mem, lower θ by 0.25 (not below 1) and raise k by 1.
-3. Refinement: re-activate whole layers, then single neurons, keeping each re-activation that leaves
-   the score below τ_mem.
+1. Seeds: the first-step noise differences of the intact model for S seeds. A seed is kept when its
+   similarity to some other seed is above τ_mem (a memorized prompt repeats itself across seeds); a
+   prompt with no kept seed is not localized.
+2. Score of a neuron set: the highest similarity, over the kept seeds, between the noise difference
+   with the set deactivated and the intact one *of the same seed* (`MemorizationScore`). Memorization
+   is gone once it is at most τ_mem (mean + one std of the intact pairwise similarities of holdout
+   prompts).
+3. Initial selection: deactivate every neuron whose activation z-score (against holdout prompts)
+   exceeds θ in absolute value, plus the k most active neurons of each layer (raw mean |to_v|);
+   start at θ = 5, k = 0 and, while the score stays above τ_mem, lower θ by 0.25 and raise k by 1,
+   while θ > 1: 16 sets, the last at θ = 1.25, k = 15. If none passes, the last set is refined
+   against its own score (the authors' fallback), and the prompt counts as not reaching τ_mem.
+4. Refinement: re-activate whole layers (from the mid block back to the first), then single neurons
+   in the same layer order, keeping each re-activation that leaves the score below the threshold.
 
 Candidate sets are scored `batch_size` at a time in one forward pass (a per-row mask on the `to_v`
 outputs). The greedy order is kept exactly: after an accepted candidate, the rest of its batch was
@@ -25,7 +31,7 @@ from typing import Callable
 import torch
 
 from lethe.memorization.attention import attention_control, cross_attention_layers
-from lethe.memorization.detectors import max_cross_seed_ssim, nemo_scores, noise_differences
+from lethe.memorization.detectors import nemo_pairwise, noise_differences, pairwise_similarities, seed_max_similarity, similarity
 
 Neuron = tuple[str, int]  # (layer name, output channel of its to_v)
 
@@ -55,15 +61,17 @@ class ActivationStats:
 
 
 class MemorizationScore:
-    """Scores neuron sets for one prompt: max SSIM between blocked and intact noise differences, seeds i ≠ j."""
+    """Scores neuron sets for one prompt: the highest similarity, over the kept seeds, between a seed's noise
+    difference with the set deactivated and its intact one."""
 
-    def __init__(self, model, t, x_T: torch.Tensor, states: torch.Tensor):
-        self.model, self.t, self.x_T = model, t, x_T  # x_T: seeds x C x H x W; states: 1 x L x D
-        self.states = states
+    def __init__(self, model, t, x_T: torch.Tensor, states: torch.Tensor, tau: float):
+        self.model, self.t, self.states = model, t, states  # x_T: seeds x C x H x W; states: 1 x L x D
         self.layers = list(value_layers(model.unet))
         self.channels = {name: layer.to_v.out_features for name, layer in value_layers(model.unet).items()}
         self.control = attention_control(model)
-        self.intact = noise_differences(model.unet, t, x_T, states.expand(len(x_T), -1, -1))[None]
+        intact = noise_differences(model.unet, t, x_T, states.expand(len(x_T), -1, -1))
+        self.kept = kept_seeds(intact, tau)
+        self.x_T, self.intact = x_T[self.kept], intact[self.kept]
         self.calls = 0  # forward passes, for the benchmark
 
     def __call__(self, candidates: list[frozenset[Neuron]]) -> list[float]:
@@ -76,30 +84,51 @@ class MemorizationScore:
         with self.control.masking_values(masks):
             blocked = noise_differences(self.model.unet, self.t, x, self.states.expand(len(x), -1, -1))
         self.calls += 1
-        blocked = blocked.view(len(candidates), s, *blocked.shape[1:])
-        return max_cross_seed_ssim(blocked, self.intact.expand_as(blocked)).tolist()
+        return same_seed_score(self.intact, blocked.view(len(candidates), s, *blocked.shape[1:])).tolist()
 
 
-def first_passing(candidates: list[frozenset[Neuron]], score: Callable, tau: float, batch_size: int) -> int | None:
-    """Index of the first candidate whose score is below tau, scoring batch_size at a time."""
+def kept_seeds(intact: torch.Tensor, tau: float) -> torch.Tensor:
+    """Indices of the seeds (of S x C x H x W intact noise differences) similar to another seed above tau."""
+    return torch.nonzero(seed_max_similarity(pairwise_similarities(intact[None]), len(intact))[0] > tau).flatten()
+
+
+def same_seed_score(intact: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """For K x C x H x W intact and N x K x C x H x W blocked noise differences (the same K seeds):
+    per candidate, the highest similarity between a seed's blocked and intact difference."""
+    n, k = blocked.shape[:2]
+    return similarity(blocked.flatten(0, 1), intact.repeat(n, 1, 1, 1)).view(n, k).max(1).values
+
+
+def first_passing(candidates: list[frozenset[Neuron]], score: Callable, tau: float, batch_size: int,
+                  inclusive: bool = False) -> tuple[int, float] | None:
+    """Index and score of the first candidate whose score is below tau (or at it, `inclusive`), scoring
+    batch_size at a time."""
     for start in range(0, len(candidates), batch_size):
         for offset, value in enumerate(score(candidates[start : start + batch_size])):
-            if value < tau:
-                return start + offset
+            if value < tau or (inclusive and value == tau):
+                return start + offset, value
     return None
 
 
-def initial_candidates(z: dict[str, torch.Tensor], iterations: int, theta: float = 5.0, theta_step: float = 0.25,
-                       theta_min: float = 1.0) -> list[frozenset[Neuron]]:
-    """The sets NeMo's initial selection tries in turn: |z| > θ plus the top-k of each layer."""
+def theta_schedule(iterations: int, theta: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0):
+    """(θ, k) of the initial selection's tries: θ falls by theta_step while above theta_min, k rises by 1."""
     out = []
-    for i in range(iterations):
-        threshold, k = max(theta - i * theta_step, theta_min), i
+    while theta > theta_min and len(out) < iterations:
+        out.append((theta, len(out)))
+        theta -= theta_step
+    return out
+
+
+def initial_candidates(z: dict[str, torch.Tensor], activations: dict[str, torch.Tensor],
+                       iterations: int) -> list[frozenset[Neuron]]:
+    """The sets NeMo's initial selection tries in turn: |z| > θ plus the k most active neurons of each layer."""
+    out = []
+    for threshold, k in theta_schedule(iterations):
         chosen = set()
         for layer, values in z.items():  # values: channels, for this prompt
-            magnitude = values.abs()
-            chosen |= {(layer, int(c)) for c in torch.nonzero(magnitude > threshold).flatten()}
-            chosen |= {(layer, int(c)) for c in magnitude.topk(min(k, len(magnitude))).indices}
+            chosen |= {(layer, int(c)) for c in torch.nonzero(values.abs() > threshold).flatten()}
+            raw = activations[layer]
+            chosen |= {(layer, int(c)) for c in raw.topk(min(k, len(raw))).indices}
         out.append(frozenset(chosen))
     return out
 
@@ -114,25 +143,36 @@ def reactivate(current: frozenset[Neuron], groups: list[frozenset[Neuron]], scor
         if found is None:
             i += len(chunk)
         else:
-            current, i = chunk[found], i + found + 1
+            current, i = chunk[found[0]], i + found[0] + 1
     return current
 
 
 def refine(selected: frozenset[Neuron], layers: list[str], score: Callable, tau: float, batch_size: int) -> frozenset[Neuron]:
-    by_layer = [frozenset(n for n in selected if n[0] == layer) for layer in layers]
+    """Whole layers, then single neurons, from the last layer back to the first (the authors' order)."""
+    order = list(reversed(layers))
+    by_layer = [frozenset(n for n in selected if n[0] == layer) for layer in order]
     current = reactivate(selected, [g for g in by_layer if g], score, tau, batch_size)
-    singles = [frozenset([n]) for n in sorted(current, key=lambda n: (layers.index(n[0]), n[1]))]
+    singles = [frozenset([n]) for n in sorted(current, key=lambda n: (order.index(n[0]), n[1]))]
     return reactivate(current, singles, score, tau, batch_size)
 
 
-def localize(score: MemorizationScore, z: dict[str, torch.Tensor], tau: float, iterations: int,
-             batch_size: int) -> frozenset[Neuron] | None:
-    """The refined neuron set of one prompt, or None when no initial set brings its score below tau."""
-    candidates = initial_candidates(z, iterations)
-    found = first_passing(candidates, score, tau, batch_size)
-    if found is None:
+@dataclass
+class Localized:
+    neurons: frozenset[Neuron]
+    reached_tau: bool  # did an initial set bring the score to τ_mem (else: the authors' fallback)
+
+
+def localize(score: MemorizationScore, z: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], tau: float,
+             iterations: int, batch_size: int) -> Localized | None:
+    """The refined neuron set of one prompt; None when no seed of it is kept (nothing memorized to localize)."""
+    if len(score.kept) == 0:
         return None
-    return refine(candidates[found], score.layers, score, tau, batch_size)
+    candidates = initial_candidates(z, activations, iterations)
+    found = first_passing(candidates, score, tau, batch_size, inclusive=True)
+    if found is None:  # keep the last set, refined against its own score
+        last = candidates[-1]
+        return Localized(refine(last, score.layers, score, score([last])[0], batch_size), False)
+    return Localized(refine(candidates[found[0]], score.layers, score, tau, batch_size), True)
 
 
 @torch.no_grad()
@@ -151,12 +191,13 @@ def encode(model, records) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model, data, t, noise: torch.Tensor, holdout_prompts: int):
-    """Holdout activation statistics and τ_mem (mean + one std of their scores); target prompts above τ_mem, highest first."""
+    """Holdout activation statistics and τ_mem (mean + one std of the holdout prompts' pairwise seed
+    similarities); the target prompts with a kept seed (some pair above τ_mem), highest first."""
     holdout = encode(model, data.pictures("holdout")[:holdout_prompts])
     stats = ActivationStats.of(value_activations(model, holdout))
-    holdout_scores = nemo_scores(model.unet, t, noise, holdout)
-    tau = (holdout_scores.mean() + holdout_scores.std()).item()
+    pairwise = nemo_pairwise(model.unet, t, noise, holdout)
+    tau = (pairwise.mean() + pairwise.std()).item()
     target = data.pictures("target")
-    target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
+    target_scores = nemo_pairwise(model.unet, t, noise, encode(model, target)).max(1).values
     memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
     return stats, tau, target, memorized, target_scores

@@ -2,15 +2,19 @@
 
 - Wen et al.: the text-conditional noise magnitude ‖ε̂(x_t, c) − ε̂(x_t, ∅)‖ at the first sampling
   step and its mean over all steps (`SamplingTrace.magnitudes`, free during guided sampling).
-- MemAttn (Ren et al.) E: the entropy of the conditional branch's cross-attention over token
-  positions, averaged over heads and pixels, at the first step in one chosen layer.
-- MemAttn D: the mean entropy over all layers in the last fifth of the steps, plus, per layer, how
-  far the entropy restricted to the summary tokens (the first end token and the padding after it)
-  moved between the first step and those last steps (its absolute change; the paper leaves the sign
-  open, the magnitude of the shift is what separates).
+- MemAttn (Ren et al.) E: the entropy of the conditional branch's cross-attention over all token
+  positions, averaged over heads and pixels, at the first step in one chosen layer (the authors'
+  `detect.py`: layer 3 of SD 1.x, `down_blocks.1.attentions.1`).
+- MemAttn D, as the authors' `detect.py` computes it: the attention is averaged over *all* layers
+  first; D is its entropy averaged over the last fifth of the steps (their last 10 of 50), plus the
+  *signed* change of the summary-token entropy (−Σ a ln a over the first end token and the padding
+  after it, not renormalised) from the first step to the mean of those last steps.
 - NeMo (Hintersdorf et al.): the first-step noise difference δ = ε̂(x_T, T, c) − x_T without
-  guidance, min-max normalised, for several seeds; a memorized prompt gives the same δ whatever the
-  seed, so its score is the highest SSIM between the δ of two different seeds.
+  guidance, min-max normalised per channel, for several seeds; a memorized prompt gives the same δ
+  whatever the seed. The similarity is MS-SSIM (3 scales, window 11, betas 0.33, as the authors'
+  code) where the latents are large enough for it (> 40 pixels a side: the stable-diffusion
+  preset's 64x64), plain SSIM below (the embedded 16x16). A seed's score is its highest similarity to
+  another seed; the prompt's is the highest over seeds.
 
 Higher means "more likely memorized" for every score. AUROC and the TPR at 1% FPR measure detection.
 """
@@ -22,7 +26,8 @@ import math
 import numpy as np
 import torch
 from sklearn.metrics import auc, roc_curve
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                           structural_similarity_index_measure)
 
 from lethe.memorization.attention import entropy
 from lethe.inference.memattn import through_first_end
@@ -37,15 +42,12 @@ def memattn_scores(maps: dict[str, torch.Tensor], ids: torch.Tensor, end_id: int
     """E and D from per-layer N x steps x tokens attention maps; `layer` indexes the layers in forward order."""
     layers = list(maps)
     e = entropy(maps[layers[layer]][:, 0])
-    steps = next(iter(maps.values())).shape[1]
+    a = torch.stack([maps[name].float() for name in layers]).mean(0)  # N x steps x tokens, layers averaged first
+    steps = a.shape[1]
     last = slice(min(steps - 1, math.floor(0.8 * steps)), steps)
     summary = ~through_first_end(ids, end_id) | (ids == end_id)  # the first end token and the padding after it
-    mean_entropy = torch.stack([entropy(maps[name][:, last]).mean(1) for name in layers]).mean(0)
-    shift = torch.stack([
-        (_summary_entropy(maps[name][:, last], summary).mean(1) - _summary_entropy(maps[name][:, 0], summary)).abs()
-        for name in layers
-    ]).mean(0)
-    return {"memattn_e": e, "memattn_d": mean_entropy + shift}
+    shift = _summary_entropy(a[:, last], summary).mean(1) - _summary_entropy(a[:, 0], summary)  # signed
+    return {"memattn_e": e, "memattn_d": entropy(a[:, last]).mean(1) + shift}
 
 
 def _summary_entropy(a: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
@@ -57,23 +59,46 @@ def _summary_entropy(a: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def noise_differences(unet, t, x_T: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """δ = ε̂(x_T, t, c) − x_T per row, min-max normalised to [0, 1] per row."""
+    """δ = ε̂(x_t, t, c) − x_t per row, min-max normalised to [0, 1] per row and channel (as NeMo's code)."""
     delta = (unet(x_T, t, encoder_hidden_states=states).sample - x_T).float()
-    flat = delta.flatten(1)
-    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(delta)
+    low, high = delta.amin((-2, -1), keepdim=True), delta.amax((-2, -1), keepdim=True)
+    return (delta - low) / (high - low).clamp_min(1e-12)
 
 
-def max_cross_seed_ssim(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """For P x S x C x H x W noise differences: per row of P, the highest SSIM(a_i, b_j) over seeds i ≠ j."""
-    b = a if b is None else b
-    p, s = a.shape[:2]
-    i, j = zip(*[(i, j) for i in range(s) for j in range(s) if i != j])
-    first, second = a[:, list(i)].flatten(0, 1), b[:, list(j)].flatten(0, 1)
-    size = a.shape[-1]
-    kernel = min(11, size if size % 2 else size - 1)
-    ssim = structural_similarity_index_measure(first, second, data_range=1.0, kernel_size=kernel, reduction="none")
-    return ssim.view(p, len(i)).max(1).values
+MS_SSIM_KERNEL, MS_SSIM_BETAS = 11, (0.33, 0.33, 0.33)  # NeMo's settings
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """NeMo's similarity of N x C x H x W noise differences in [0, 1], one value per row: MS-SSIM where the
+    images are large enough for its three scales, plain SSIM (window up to 11) below."""
+    size = min(a.shape[-2:])
+    if size > (MS_SSIM_KERNEL - 1) * 2 ** (len(MS_SSIM_BETAS) - 1):
+        return multiscale_structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=MS_SSIM_KERNEL,
+                                                              betas=MS_SSIM_BETAS, reduction="none")
+    kernel = min(MS_SSIM_KERNEL, size if size % 2 else size - 1)
+    return structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=kernel, reduction="none")
+
+
+def seed_pairs(seeds: int) -> tuple[list[int], list[int]]:
+    """Every unordered pair of seeds i < j."""
+    pairs = [(i, j) for i in range(seeds) for j in range(i + 1, seeds)]
+    return [i for i, _ in pairs], [j for _, j in pairs]
+
+
+def pairwise_similarities(delta: torch.Tensor) -> torch.Tensor:
+    """For P x S x C x H x W noise differences: P x S(S−1)/2, the similarity of every pair of seeds."""
+    p, s = delta.shape[:2]
+    i, j = seed_pairs(s)
+    return similarity(delta[:, i].flatten(0, 1), delta[:, j].flatten(0, 1)).view(p, len(i))
+
+
+def seed_max_similarity(pairwise: torch.Tensor, seeds: int) -> torch.Tensor:
+    """P x S: each seed's highest similarity to another seed, from `pairwise_similarities`."""
+    out = torch.full((len(pairwise), seeds), float("-inf"), device=pairwise.device)
+    for column, (i, j) in enumerate(zip(*seed_pairs(seeds))):
+        out[:, i] = torch.maximum(out[:, i], pairwise[:, column])
+        out[:, j] = torch.maximum(out[:, j], pairwise[:, column])
+    return out
 
 
 def detection_quality(scores: np.ndarray, memorized: np.ndarray) -> dict[str, float]:
@@ -86,8 +111,8 @@ def detection_quality(scores: np.ndarray, memorized: np.ndarray) -> dict[str, fl
 
 
 @torch.no_grad()
-def nemo_scores(unet, t, noise: torch.Tensor, states: torch.Tensor, rows_per_batch: int = 512) -> torch.Tensor:
-    """NeMo's score per prompt: states P x L x D, noise S x C x H x W (one start per seed, the same for every prompt)."""
+def nemo_pairwise(unet, t, noise: torch.Tensor, states: torch.Tensor, rows_per_batch: int = 512) -> torch.Tensor:
+    """P x S(S−1)/2 pairwise similarities: states P x L x D, noise S x C x H x W (the same seeds for every prompt)."""
     s = len(noise)
     per_batch = max(1, rows_per_batch // s)
     out = []
@@ -95,5 +120,10 @@ def nemo_scores(unet, t, noise: torch.Tensor, states: torch.Tensor, rows_per_bat
         chunk = states[start : start + per_batch]
         x = noise.repeat(len(chunk), 1, 1, 1)
         delta = noise_differences(unet, t, x, chunk.repeat_interleave(s, 0))
-        out.append(max_cross_seed_ssim(delta.view(len(chunk), s, *delta.shape[1:])))
+        out.append(pairwise_similarities(delta.view(len(chunk), s, *delta.shape[1:])).cpu())
     return torch.cat(out)
+
+
+def nemo_scores(unet, t, noise: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """NeMo's detection score per prompt: the highest similarity between the noise differences of two seeds."""
+    return nemo_pairwise(unet, t, noise, states).max(1).values

@@ -1,7 +1,7 @@
 """`lethe localize` (NeMo): find each memorized target prompt's neurons; deactivate their union.
 
-Activation statistics and τ_mem come from holdout prompts. Every target prompt is scored; those
-above τ_mem (highest first, at most `nemo.max_prompts`) are localized. The union of their neurons is
+Activation statistics and τ_mem come from holdout prompts. Every target prompt is scored; those with
+a seed pair above τ_mem (highest first, at most `nemo.max_prompts`) are localized. The union of their neurons is
 zeroed in the baseline's W_V rows and saved as `models/nemo`, a pruned model like any other.
 """
 
@@ -38,13 +38,16 @@ def localize(params: Params) -> dict[str, float]:
     rows, union, started = [], set(), time.perf_counter()
     for i in progress(memorized, desc="localize: NeMo prompts", unit="prompt"):
         record, states = target[i], nemo.encode(model, [target[i]])
-        z = {layer: values[0] for layer, values in stats.z(nemo.value_activations(model, states)).items()}
-        score = nemo.MemorizationScore(model, t, noise, states)
+        activations = nemo.value_activations(model, states)
+        z = {layer: values[0] for layer, values in stats.z(activations).items()}
+        score = nemo.MemorizationScore(model, t, noise, states, tau)
         begun = time.perf_counter()
-        neurons = nemo.localize(score, z, tau, cfg.iterations, cfg.batch_size)
-        after = score([neurons])[0] if neurons is not None else None
+        found = nemo.localize(score, z, {k: v[0] for k, v in activations.items()}, tau, cfg.iterations, cfg.batch_size)
+        neurons = found.neurons if found is not None else None
         rows.append({"id": record.id, "caption": record.caption, "dup_count": record.dup_count,
-                     "score": float(target_scores[i]), "score_after": after,
+                     "score": float(target_scores[i]), "seeds_kept": len(score.kept),
+                     "reached_tau": found.reached_tau if found is not None else None,
+                     "score_after": score([neurons])[0] if neurons is not None else None,
                      "neurons": sorted([list(n) for n in neurons]) if neurons is not None else None,
                      "seconds": time.perf_counter() - begun})
         union |= neurons or set()
@@ -54,7 +57,7 @@ def localize(params: Params) -> dict[str, float]:
     metrics = {
         "nemo/tau_mem": tau,
         "nemo/memorized_prompts": float(len(memorized)),
-        "nemo/localized_prompts": float(len(counts)),
+        "nemo/localized_prompts": float(sum(bool(r["reached_tau"]) for r in rows)),  # an initial set reached τ_mem
         "nemo/median_neurons": float(statistics.median(counts)) if counts else float("nan"),
         "nemo/union_neurons": float(len(union)),
         "nemo/seconds_per_prompt": seconds / max(len(memorized), 1),
@@ -76,10 +79,13 @@ def localize(params: Params) -> dict[str, float]:
 
 def neuron_table(rows: list[dict], tau: float) -> str:
     lines = [f"# NeMo neurons per memorized prompt (tau_mem = {tau:.3f})", "",
-             "| id | caption | copies | score | score after | neurons | which |", "|---|---|---|---|---|---|---|"]
+             "| id | caption | copies | score | seeds kept | score after | neurons | which |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         which = ", ".join(f"{layer}[{channel}]" for layer, channel in r["neurons"] or [])
-        after = f"{r['score_after']:.3f}" if r["score_after"] is not None else "not localized"
+        after = "not localized" if r["score_after"] is None else (
+            f"{r['score_after']:.3f}" + ("" if r["reached_tau"] else " (τ not reached: the last set, refined)"))
         count = len(r["neurons"]) if r["neurons"] is not None else "–"
-        lines.append(f"| {r['id']} | {r['caption']} | {r['dup_count']} | {r['score']:.3f} | {after} | {count} | {which} |")
+        lines.append(f"| {r['id']} | {r['caption']} | {r['dup_count']} | {r['score']:.3f} | {r['seeds_kept']} | {after} "
+                     f"| {count} | {which} |")
     return "\n".join(lines) + "\n"
