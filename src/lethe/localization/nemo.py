@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 
 from lethe.memorization.attention import attention_control, cross_attention_layers
-from lethe.memorization.detectors import nemo_pairwise, noise_differences, pairwise_similarities, seed_max_similarity, similarity
+from lethe.memorization.detectors import (nemo_pairwise, noise_differences, pairwise_similarities, seed_max_similarity,
+                                          similarity)
 
 Neuron = tuple[str, int]  # (layer name, output channel of its to_v)
 
