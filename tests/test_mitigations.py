@@ -19,28 +19,36 @@ from lethe.methods.random_caption import RandomCaptionWords
 from lethe.training.wen_filter import WenFilter
 
 
+def _filled(bank, values):
+    """A bank whose ranges have all seen enough samples, holding `values`."""
+    bank.values.copy_(torch.as_tensor(values, dtype=torch.float))
+    bank.seen.fill_(bank.min_samples)
+
+
 def test_agc_keeps_and_skips_by_the_bank_and_updates_it_with_every_sample():
-    agc = AntiGradientControl(num_timesteps=10, lam=2.0, momentum=0.8)
-    agc.bank.values[3] = 1.0
-    agc.bank.values[7] = 0.1
+    agc = AntiGradientControl(num_timesteps=10, lam=2.0, momentum=0.8, bins=5, min_samples=2)  # ranges of 2 timesteps
+    _filled(agc.bank, [0.0, 1.0, 0.0, 0.1, 0.0])
     losses = torch.tensor([0.6, 0.4, 0.04, 0.05])
-    t = torch.tensor([3, 3, 7, 7])
+    t = torch.tensor([3, 2, 7, 6])  # ranges 1, 1, 3, 3
     keep, threshold = agc(losses, t)
     # 2·0.6 >= 1 kept; 2·0.4 < 1 skipped; 2·0.04 < 0.1 skipped; 2·0.05 >= 0.1 kept
     assert keep.tolist() == [True, False, False, True]
     assert threshold.tolist() == pytest.approx([1.0, 1.0, 0.1, 0.1])
-    # every sample, kept or skipped, updates the bank in turn
-    m3 = 0.8 * (0.8 * 1.0 + 0.2 * 0.6) + 0.2 * 0.4
-    m7 = 0.8 * (0.8 * 0.1 + 0.2 * 0.04) + 0.2 * 0.05
-    assert agc.bank.values[3].item() == pytest.approx(m3)
-    assert agc.bank.values[7].item() == pytest.approx(m7)
-    assert agc.bank.values[0].item() == 0.0
+    # every sample, kept or skipped, updates its range's bank in turn
+    m1 = 0.8 * (0.8 * 1.0 + 0.2 * 0.6) + 0.2 * 0.4
+    m3 = 0.8 * (0.8 * 0.1 + 0.2 * 0.04) + 0.2 * 0.05
+    assert agc.bank.values.tolist() == pytest.approx([0.0, m1, 0.0, m3, 0.0])
+    assert agc.bank.seen.tolist() == [2, 4, 2, 4, 2]
 
 
-def test_agc_skips_nothing_until_the_bank_fills():
-    agc = AntiGradientControl(num_timesteps=5, lam=1.25)
-    keep, _ = agc(torch.tensor([1e-6, 5.0]), torch.tensor([0, 1]))
+def test_agc_skips_nothing_until_a_range_has_seen_min_samples_and_pools_them_exactly():
+    agc = AntiGradientControl(num_timesteps=10, lam=1.0, momentum=0.8, bins=2, min_samples=3)
+    keep, _ = agc(torch.tensor([1e-6, 5.0, 1.0]), torch.tensor([0, 1, 2]))  # range 0's first three losses
     assert keep.all()
+    assert agc.bank.values[0].item() == pytest.approx((1e-6 + 5.0 + 1.0) / 3)  # a plain mean, not a zero-started one
+    keep, threshold = agc(torch.tensor([1.0, 1e-6]), torch.tensor([4, 9]))
+    assert keep.tolist() == [False, True]  # range 0 judges now (1 < 2.0); range 1 has seen nothing yet
+    assert threshold[0].item() == pytest.approx(2.0)
 
 
 def test_taa_closeness_is_one_at_the_threshold_and_falls_away_from_it():
@@ -145,8 +153,8 @@ def test_raunet_blocks_are_saved_loaded_and_trained(tiny_model, tmp_path):
 
 
 def test_wen_filter_drops_a_sample_far_above_the_usual_magnitude():
-    wen = WenFilter(num_timesteps=10, factor=1.5)
-    wen.filter_bank = wen.bank.values.fill_(1.0)
+    wen = WenFilter(num_timesteps=10, factor=1.5, bins=2, min_samples=1)
+    _filled(wen.bank, [1.0, 1.0])
     cond = torch.zeros(3, 4)
     uncond = torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [1.4, 0, 0, 0]])
     keep = wen(cond, uncond, torch.tensor([1, 1, 2]))
@@ -155,12 +163,13 @@ def test_wen_filter_drops_a_sample_far_above_the_usual_magnitude():
 
 def test_wen_filter_leaves_dropped_captions_out_of_its_bank():
     """A dropped caption's magnitude is 0; folded in, it would pull the bank down and skip more samples."""
-    wen = WenFilter(num_timesteps=10, factor=1.5, momentum=0.5)
-    wen.bank.values.fill_(1.0)
+    wen = WenFilter(num_timesteps=10, factor=1.5, momentum=0.5, bins=10, min_samples=1)
+    _filled(wen.bank, [1.0] * 10)
     cond, uncond = torch.zeros(2, 4), torch.tensor([[1.0, 0, 0, 0], [0.0, 0, 0, 0]])
     keep = wen(cond, uncond, torch.tensor([3, 4]), judged=torch.tensor([True, False]))
     assert keep.tolist() == [True, True]
     assert wen.bank.values[3] == 1.0 and wen.bank.values[4] == 1.0  # 1.0 folded in at t=3; t=4 untouched
+    assert wen.bank.seen[3] == 2 and wen.bank.seen[4] == 1
 
 
 def test_random_caption_words_come_from_the_vocabulary():

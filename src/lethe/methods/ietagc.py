@@ -15,6 +15,8 @@ class IetConfig(Section):
     local_steps: int = Field(25, ge=1)  # steps each proxy takes per round
     agc_lambda: float = Field(2.0, gt=0.0)  # keep a sample iff lambda * loss >= bank[t]
     bank_momentum: float = Field(0.8, ge=0.0, lt=1.0)
+    timestep_bins: int = Field(10, ge=1)  # each proxy's bank keeps its running loss per range of timesteps
+    min_samples: int = Field(32, ge=1)  # a range skips nothing until it has seen this many losses
     seed: int = 0
 
 
@@ -26,7 +28,8 @@ def proxy_ensemble(params, model, scheduler, samples: int, plus=None):
     iet = params.ietagc
     return ProxyEnsemble(
         model, scheduler, params.finetune, assignment=load_shards(SHARDS, samples), local_steps=iet.local_steps,
-        agc_lambda=iet.agc_lambda, bank_momentum=iet.bank_momentum,
+        agc_lambda=iet.agc_lambda, bank_momentum=iet.bank_momentum, bank_bins=iet.timestep_bins,
+        bank_min_samples=iet.min_samples,
         msr_share=plus.msr_share if plus else None, taa_max_shift=plus.taa_max_shift if plus else 0,
     )
 

@@ -78,13 +78,15 @@ def _proxy_copy(model: DiffusionModel) -> DiffusionModel:
 
 class ProxyEnsemble(DiffusionTraining):
     def __init__(self, model, noise_scheduler, cfg, *, assignment: np.ndarray, local_steps: int, agc_lambda: float,
-                 bank_momentum: float = 0.8, msr_share: float | None = None, taa_max_shift: int = 0):
+                 bank_momentum: float = 0.8, bank_bins: int = 10, bank_min_samples: int = 32,
+                 msr_share: float | None = None, taa_max_shift: int = 0):
         super().__init__(model, noise_scheduler, cfg)
         self.shards = int(assignment.max()) + 1
         self.local_steps, self.msr_share, self.taa_max_shift = local_steps, msr_share, taa_max_shift
         self.proxies = nn.ModuleList([model] + [_proxy_copy(model) for _ in range(self.shards - 1)])
         timesteps = noise_scheduler.config.num_train_timesteps
-        self.agc = nn.ModuleList(AntiGradientControl(timesteps, agc_lambda, bank_momentum) for _ in range(self.shards))
+        self.agc = nn.ModuleList(AntiGradientControl(timesteps, agc_lambda, bank_momentum, bank_bins, bank_min_samples)
+                                 for _ in range(self.shards))
         self.register_buffer("assignment", torch.as_tensor(assignment, dtype=torch.long))
         self.register_buffer("skips", torch.zeros(len(assignment), dtype=torch.long))
         self.round_seen = self.round_skipped = 0

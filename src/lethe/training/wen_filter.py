@@ -2,8 +2,9 @@
 
 One extra pass without gradient on the same noisy input with the empty prompt gives the
 text-conditional noise magnitude; a sample is dropped when it exceeds `factor` times the running
-magnitude at its timestep (magnitudes differ by orders of magnitude across t, so one absolute
-threshold would only ever drop the noisiest timesteps).
+magnitude of its range of timesteps (magnitudes differ by orders of magnitude across t, so one
+absolute threshold would only ever drop the noisiest timesteps). A range drops nothing until it has
+seen `min_samples` magnitudes (`TimestepBank`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from lethe.training.module import Denoised, DiffusionTraining
 
 
 class WenFilter(nn.Module):
-    def __init__(self, num_timesteps: int, factor: float, momentum: float = 0.8):
+    def __init__(self, num_timesteps: int, factor: float, momentum: float = 0.8, bins: int = 10, min_samples: int = 32):
         super().__init__()
         self.factor = factor
-        self.bank = TimestepBank(num_timesteps, momentum)
+        self.bank = TimestepBank(num_timesteps, momentum, bins, min_samples)
 
     @torch.no_grad()
     def forward(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, t: torch.Tensor,
@@ -30,7 +31,7 @@ class WenFilter(nn.Module):
         magnitude = noise_magnitude(eps_cond, eps_uncond)
         judged = torch.ones_like(magnitude, dtype=torch.bool) if judged is None else judged.to(magnitude.device)
         usual = self.bank[t].clone()
-        keep = ~judged | (usual == 0) | (magnitude <= self.factor * usual)  # an empty bank entry keeps the sample
+        keep = ~judged | ~self.bank.ready(t) | (magnitude <= self.factor * usual)
         self.bank.update(t[judged], magnitude[judged])
         return keep
 
@@ -38,9 +39,10 @@ class WenFilter(nn.Module):
 class WenFilteredTraining(DiffusionTraining):
     """Fine-tuning that drops the samples Wen's filter flags."""
 
-    def __init__(self, model, noise_scheduler, cfg, factor: float, momentum: float = 0.8):
+    def __init__(self, model, noise_scheduler, cfg, factor: float, momentum: float = 0.8, bins: int = 10,
+                 min_samples: int = 32):
         super().__init__(model, noise_scheduler, cfg)
-        self.filter = WenFilter(noise_scheduler.config.num_train_timesteps, factor, momentum)
+        self.filter = WenFilter(noise_scheduler.config.num_train_timesteps, factor, momentum, bins, min_samples)
 
     def select(self, d: Denoised, batch: dict, model) -> torch.Tensor:
         return self.filter(d.prediction, self.unconditional_prediction(d, model), d.t, ~d.dropped)
