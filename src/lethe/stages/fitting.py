@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -50,15 +51,19 @@ def train_and_save(params: Params, model, data: PreparedData, *, name: str, stag
             module = result.module or module
         else:
             result = FitResult(0.0, 0, None)
+        skipped = module.skipped_per_step[: result.steps].cpu().tolist()
+        log_curve(run, "train/skipped_share_per_step", skipped)
         metrics = {
             "cost/train_seconds": result.seconds,
             "cost/trainable_params": float(module.trainable_parameter_count()),
             "train/samples_seen": float(result.steps * cfg.batch_size),
+            "train/skipped_share": sum(skipped) / max(len(skipped), 1),
         }
         out = model_dir(name)
         with atomic_dir(out) as tmp:
             trained = module.trained_model()
             save_model(trained, tmp, method=method)
+            write_json(tmp / "skipped_per_step.json", skipped)  # the curve a random-skip control can follow
             trained.to(inference_device(cfg.accelerator))  # Lightning hands the model back on the CPU
             _sample_grid(params, trained, scheduler, data, tmp / "samples.png")
         mlflow.log_artifact(str(out / "samples.png"))
@@ -68,6 +73,16 @@ def train_and_save(params: Params, model, data: PreparedData, *, name: str, stag
         write_json(train_metrics_file(name), metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the outputs are written; nothing left to resume
     return metrics
+
+
+def log_curve(run, key: str, values: list[float]) -> None:
+    """One MLflow metric per step, in batches of MLflow's limit of 1,000."""
+    from mlflow.entities import Metric
+
+    client, now = mlflow.MlflowClient(), int(time.time() * 1000)
+    for start in range(0, len(values), 1000):
+        client.log_batch(run.info.run_id, metrics=[Metric(key, float(v), now, start + i)
+                                                   for i, v in enumerate(values[start : start + 1000])])
 
 
 def _sample_grid(params: Params, model, scheduler, data: PreparedData, path: Path) -> None:

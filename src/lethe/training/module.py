@@ -47,6 +47,8 @@ class DiffusionTraining(L.LightningModule):
         if cfg.train_text_encoder:
             model.spec.save_text_encoder = True
         self.register_buffer("empty_ids", model.text_encoder.tokenize([""])[0], persistent=False)
+        # each step's skipped share, kept in checkpoints so a resumed run has the whole curve
+        self.register_buffer("skipped_per_step", torch.zeros(max(cfg.steps, 1)))
 
     def denoise(self, batch: dict, model: DiffusionModel | None = None, t: torch.Tensor | None = None) -> Denoised:
         """Noise the images at random timesteps (or the given ones) and predict the noise.
@@ -111,7 +113,10 @@ class DiffusionTraining(L.LightningModule):
         self.check_finite(d.losses.mean())
         keep = self.select(d, batch, model)
         self.log("train/loss", d.losses.mean(), prog_bar=True)
-        self.log("train/skipped_share", 1.0 - keep.float().mean())
+        skipped = 1.0 - keep.float().mean()
+        self.log("train/skipped_share", skipped)
+        if self.current_step < len(self.skipped_per_step):
+            self.skipped_per_step[self.current_step] = skipped.detach()
         if not keep.any():
             return None
         return self.kept_loss(d, keep, batch, model)
