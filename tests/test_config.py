@@ -72,7 +72,7 @@ def test_preset_is_written_with_every_section_for_dvc(tmp_path):
     assert main(["--params", str(target), "preset", str(preset)]) == 0
     written = yaml.safe_load(target.read_text())
     assert set(written) == set(Params.model_fields)
-    assert written["finetune"]["steps"] == 7 and written["random_skip"] == {"share": 0.2, "seed": 0}
+    assert written["finetune"]["steps"] == 7 and written["random_skip"] == {"follows": "wen_filter", "share": 0.2, "seed": 0}
     assert load_params(target) == load_params(preset)
 
 

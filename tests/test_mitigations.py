@@ -172,6 +172,28 @@ def test_wen_filter_leaves_dropped_captions_out_of_its_bank():
     assert wen.bank.seen[3] == 2 and wen.bank.seen[4] == 1
 
 
+def test_random_skip_drops_the_followed_share_at_each_step():
+    from lethe.methods.random_skip import RandomSkip
+
+    control = RandomSkip([0.0, 0.25, 0.5], seed=3)
+    assert [int((~control(step, 8)).sum()) for step in range(4)] == [0, 2, 4, 0]  # past the curve: nothing
+    assert torch.equal(control(1, 8), RandomSkip([0.0, 0.25], seed=3)(1, 8))  # drawn from (seed, step) alone
+    assert int((~RandomSkip(0.25, seed=0)(7, 64)).sum()) == 16  # a fixed share
+
+
+def test_random_skip_without_the_followed_curve_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    from lethe.errors import LetheError
+    from lethe.methods.random_skip import followed_curve
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LetheError, match=r"models/wen_filter/skipped_per_step.json.*train@wen_filter"):
+        followed_curve("wen_filter")
+    (tmp_path / "models/wen_filter").mkdir(parents=True)
+    (tmp_path / "models/wen_filter/skipped_per_step.json").write_text("[0.5, 2.0]")
+    with pytest.raises(LetheError, match="not a list of skipped shares"):
+        followed_curve("wen_filter")
+
+
 def test_random_caption_words_come_from_the_vocabulary():
     noise = RandomCaptionWords(["a red cat", "a blue dog"], words=2, probability=1.0, seed=0)
     out = noise("a red cat").split()
