@@ -1,6 +1,7 @@
 import pytest
 
-from lethe.evaluation.report import markdown_table
+from lethe.config import Params
+from lethe.evaluation.report import markdown_table, mechanism
 
 
 def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
@@ -11,9 +12,27 @@ def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
              "vs_baseline/quality_fd_holdout": 0.05, "vs_baseline/quality_fd_holdout/ci_low": -0.1,
              "vs_baseline/quality_fd_holdout/ci_high": 0.2, "vs_baseline/quality_fd_holdout/significant": 0.0}
     table = markdown_table({"baseline": base, "loyal": loyal})
-    assert "| baseline | 0.400 [0.300, 0.500] | – |" in table
-    assert "| loyal | 0.100 [0.050, 0.200] | -75% [-90%, -50%] * |" in table
+    assert "| baseline | – | 0.400 [0.300, 0.500] | – |" in table
+    assert "| loyal | – | 0.100 [0.050, 0.200] | -75% [-90%, -50%] * |" in table
     assert "+5% [-10%, +20%] |" in table  # inside the noise: no mark
+
+
+def test_each_row_says_what_its_mechanism_did():
+    params = Params()
+    train = {"baseline": {"cost/trainable_params": 1_000_000.0, "train/skipped_share": 0.0},
+             "wen_filter": {"train/skipped_share": 0.1234}, "random_skip": {"train/skipped_share": 0.1234},
+             "memcontrol": {"cost/trainable_params": 12_500.0}}
+    localized = {"nemo/union_neurons": 31.0, "nemo/localized_prompts": 5.0, "nemo/memorized_prompts": 7.0}
+    mask = {"family": "attention", "blocks": ["a", "b"]}
+    said = {v: mechanism(v, params, train, localized, mask)
+            for v in ("baseline", "wen_filter", "random_skip", "memcontrol", "nemo", "memattn", "loyal")}
+    assert said["baseline"] == "–"
+    assert said["wen_filter"] == "skipped 12.3% of samples"
+    assert said["random_skip"] == "skipped 12.3% of samples, at random: wen_filter's share at each step"
+    assert said["memcontrol"] == "trains 1.25% of parameters, attention on 2 blocks"
+    assert said["nemo"] == "31 to_v neurons pruned, from 5 of 7 prompts localized"
+    assert said["memattn"] == "begin-token logit x1.25, padding masked, every step"
+    assert said["loyal"] == "conv transfer blocks on skip levels [0, 1], t ≥ 500"
 
 
 @pytest.mark.parametrize("stage", ["report", "register"])

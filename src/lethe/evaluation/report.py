@@ -67,11 +67,43 @@ def _cell(value, key: str = "", values: dict[str, float] | None = None) -> str:
     return text
 
 
-def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
-    lines = ["| variant | " + " | ".join(title for title, _ in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize: dict[str, float],
+              mask: dict | None) -> str:
+    """What the variant's mechanism did, in words: what a reader checks before believing its row.
+    `train`: each variant's metrics/train/<variant>.json; `localize`: NeMo's; `mask`: MemControl's choice."""
+    own = train.get(variant, {})
+    skipped = f"skipped {own['train/skipped_share']:.1%} of samples" if "train/skipped_share" in own else None
+    base_params = train.get("baseline", {}).get("cost/trainable_params")
+    if variant in ("wen_filter", "memattn_filter", "ietagc", "ietagc_plus"):
+        return skipped or "–"
+    if variant == "random_skip":
+        follows = params.random_skip.follows
+        return f"{skipped}, at random: {follows}'s share at each step" if follows and skipped else (skipped or "–")
+    if variant in ("loyal", "raunet"):
+        tau = params.loyal.tau if variant == "loyal" else 0
+        return f"{params.loyal.block} transfer blocks on skip levels {list(params.loyal.levels)}, t ≥ {tau}"
+    if variant == "memcontrol" and mask:
+        share = f"{own['cost/trainable_params'] / base_params:.2%} of parameters, " if base_params and own else ""
+        return f"trains {share}{mask.get('family')} on {len(mask.get('blocks', []))} blocks"
+    if variant == "nemo" and localize:
+        return (f"{localize['nemo/union_neurons']:.0f} to_v neurons pruned, from {localize['nemo/localized_prompts']:.0f} of "
+                f"{localize['nemo/memorized_prompts']:.0f} prompts localized")
+    if variant == "memattn":
+        padding = ", padding masked" if params.memattn.mask_padding else ""
+        return f"begin-token logit x{params.memattn.begin_scale:g}{padding}, every step"
+    if variant == "wen_inference":
+        cfg = params.wen_inference
+        return f"prompt embedding optimised ≤ {cfg.iterations} steps toward {cfg.target_fraction:g} x the holdout magnitude"
+    return "–"
+
+
+def markdown_table(metrics: dict[str, dict[str, float]], mechanisms: dict[str, str] | None = None) -> str:
+    mechanisms = mechanisms or {}
+    lines = ["| variant | mechanism | " + " | ".join(title for title, _ in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
     for variant, values in metrics.items():
-        lines.append(f"| {variant} | " + " | ".join(_cell(values.get(key), key, values) for _, key in COLUMNS) + " |")
+        lines.append(f"| {variant} | {mechanisms.get(variant, '–')} | "
+                     + " | ".join(_cell(values.get(key), key, values) for _, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +114,8 @@ LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompt
 
 
 def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, galleries: dict[str, str],
-              policy: dict[str, str] | None = None, champion: str | None = None, mlflow_runs: str = "") -> str:
+              policy: dict[str, str] | None = None, champion: str | None = None, mlflow_runs: str = "",
+              mechanisms: dict[str, str] | None = None) -> str:
     """The report as one page a person reads: the table with intervals, the trade-off plot, the policy's
     verdicts, the other sections, and each variant's gallery (paths relative to reports/)."""
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
@@ -94,7 +127,8 @@ def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, gall
             higher_is_worse = key.startswith(("vs_baseline/quality_fd", "vs_baseline/quality_kid", "vs_baseline/replication"))
             cls = "" if not sign else (" class='good'" if (sign < 0) == higher_is_worse else " class='bad'")
             cells.append(f"<td{cls}>{html.escape(_cell(values.get(key), key, values))}</td>")
-        rows.append(f"<tr><th>{html.escape(variant)}</th>{''.join(cells)}</tr>")
+        what = html.escape((mechanisms or {}).get(variant, "–"))
+        rows.append(f"<tr><th>{html.escape(variant)}</th><td class='what'>{what}</td>{''.join(cells)}</tr>")
     verdicts = "".join(f"<li><b>{html.escape(v)}</b>: {html.escape(r)}</li>" for v, r in (policy or {}).items())
     pictures = "".join(f"<figure><figcaption>{html.escape(v)}</figcaption><img src='{html.escape(src)}' alt='gallery of {html.escape(v)}'></figure>"
                        for v, src in galleries.items())
@@ -104,7 +138,7 @@ def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, gall
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: right; white-space: nowrap; }}
-tr > th:first-child {{ text-align: left; }}
+tr > th:first-child, td.what {{ text-align: left; }}
 td.good {{ background: #e3f4e1; }} td.bad {{ background: #fbe3e1; }}
 figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
 figure img {{ max-width: 560px; border: 1px solid #ddd; }}
@@ -114,7 +148,7 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 <p>{html.escape(LEGEND)} Green: a significant improvement; red: a significant loss.</p>
 <p>Every run in MLflow: with <code>mlflow ui</code> running, open <code>http://127.0.0.1:5000/{html.escape(mlflow_runs)}</code>
 (the experiment's training runs).</p>
-<div style="overflow-x:auto"><table><tr><th>variant</th>{head}</tr>{"".join(rows)}</table></div>
+<div style="overflow-x:auto"><table><tr><th>variant</th><th>mechanism</th>{head}</tr>{"".join(rows)}</table></div>
 <h2>Memorization against quality</h2>
 <img src="tradeoff.png" alt="dup replication rate against FD, with intervals">
 <h2>Champion policy</h2>

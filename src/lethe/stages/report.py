@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import mlflow
 
+import json
+
 from lethe.evaluation.report import (
-    LEGEND, data_section, detection_section, html_page, markdown_table, tradeoff_png, tradeoff_points,
+    LEGEND, data_section, detection_section, html_page, markdown_table, mechanism, tradeoff_png, tradeoff_points,
 )
 from lethe.files import variant_metrics, write_json, write_text
 from lethe.methods import VARIANTS
-from lethe.paths import PLOTS, REPORTS
+from lethe.paths import CHOSEN_MASK, LOCALIZE_METRICS, PLOTS, REPORTS, train_metrics_file
 from lethe.registry import choose_champion
 from lethe.search.summary import memcontrol_section
 from lethe.tracking import stage_run
@@ -25,8 +27,11 @@ def report(params) -> str:
     metrics = variant_metrics(VARIANTS)
     points = tradeoff_points(metrics)
     sections = detection_section() + memcontrol_section(metrics) + data_section()
-    write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics) + "\n" + LEGEND + "\n"
-               + sections)
+    train = {v: _json(train_metrics_file(v)) for v in ("baseline", *metrics)}
+    localized, mask = _json(LOCALIZE_METRICS), _json(CHOSEN_MASK)
+    mechanisms = {v: mechanism(v, params, train, localized, mask) for v in metrics}
+    write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics, mechanisms) + "\n"
+               + LEGEND + "\n" + sections)
     champion, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
     galleries = {v: f"evaluate/{v}/gallery.png" for v in metrics if (REPORTS / "evaluate" / v / "gallery.png").exists()}
     tradeoff_png(points, REPORTS / "tradeoff.png")
@@ -35,7 +40,11 @@ def report(params) -> str:
         # MLflow 3.17's UI picks its GenAI or model-training view from this query (else from the browser's
         # last choice, GenAI at first), not from the experiment's kind tag, which lethe also sets
         runs = f"#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
-        write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy, champion, runs))
+        write_text(REPORTS / "report.html", html_page(metrics, sections, galleries, policy, champion, runs, mechanisms))
         for name in ("report.md", "report.html", "tradeoff.png"):
             mlflow.log_artifact(str(REPORTS / name))
-    return markdown_table(metrics)
+    return markdown_table(metrics, mechanisms)
+
+
+def _json(path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
