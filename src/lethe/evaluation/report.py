@@ -76,6 +76,8 @@ def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize
     base_params = train.get("baseline", {}).get("cost/trainable_params")
     if variant in ("wen_filter", "memattn_filter", "ietagc", "ietagc_plus"):
         return skipped or "–"
+    if variant == "iet":
+        return f"{params.ietagc.shards} proxies on shards, averaged every round; skips nothing"
     if variant == "random_skip":
         follows = params.random_skip.follows
         return f"{skipped}, at random: {follows}'s share at each step" if follows and skipped else (skipped or "–")

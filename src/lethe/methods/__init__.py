@@ -9,7 +9,7 @@ from __future__ import annotations
 from lethe.declarations import InferenceMitigation, TrainingMethod
 from lethe.errors import LetheError
 from lethe.methods import (
-    baseline, ietagc, ietagc_plus, loyal, memattn, memattn_filter, memcontrol, nemo, random_caption, random_skip,
+    baseline, iet, ietagc, ietagc_plus, loyal, memattn, memattn_filter, memcontrol, nemo, random_caption, random_skip,
     raunet, wen_filter, wen_inference,
 )
 
@@ -20,6 +20,7 @@ TRAINING: dict[str, TrainingMethod] = {m.name: m for m in (
     raunet.METHOD,
     ietagc.METHOD,
     ietagc_plus.METHOD,
+    iet.METHOD,
     wen_filter.METHOD,
     random_caption.METHOD,
     memattn_filter.METHOD,

@@ -20,8 +20,9 @@ class IetConfig(Section):
     seed: int = 0
 
 
-def proxy_ensemble(params, model, scheduler, samples: int, plus=None):
-    """The ensemble's LightningModule; `plus` (IET-AGC+'s section) adds redistribution and augmentation."""
+def proxy_ensemble(params, model, scheduler, samples: int, plus=None, agc: bool = True):
+    """The ensemble's LightningModule; `plus` (IET-AGC+'s section) adds redistribution and augmentation;
+    `agc=False` keeps every sample (the `iet` ablation)."""
     from lethe.data.shards import load_shards
     from lethe.training.ensemble import ProxyEnsemble
 
@@ -29,7 +30,7 @@ def proxy_ensemble(params, model, scheduler, samples: int, plus=None):
     return ProxyEnsemble(
         model, scheduler, params.finetune, assignment=load_shards(SHARDS, samples), local_steps=iet.local_steps,
         agc_lambda=iet.agc_lambda, bank_momentum=iet.bank_momentum, bank_bins=iet.timestep_bins,
-        bank_min_samples=iet.min_samples,
+        bank_min_samples=iet.min_samples, agc=agc,
         msr_share=plus.msr_share if plus else None, taa_max_shift=plus.taa_max_shift if plus else 0,
     )
 
