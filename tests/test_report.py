@@ -19,8 +19,8 @@ def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
 
 def test_each_row_says_what_its_mechanism_did():
     params = Params()
-    train = {"baseline": {"cost/trainable_params": 1_000_000.0, "train/skipped_share": 0.0},
-             "wen_filter": {"train/skipped_share": 0.1234}, "random_skip": {"train/skipped_share": 0.1234},
+    train = {"baseline": {"cost/trainable_params": 1_000_000.0, "train/skipped_share_mean": 0.0},
+             "wen_filter": {"train/skipped_share_mean": 0.1234}, "random_skip": {"train/skipped_share_mean": 0.1234},
              "memcontrol": {"cost/trainable_params": 12_500.0}}
     localized = {"nemo/union_neurons": 31.0, "nemo/localized_prompts": 5.0, "nemo/memorized_prompts": 7.0}
     mask = {"family": "attention", "blocks": ["a", "b"]}

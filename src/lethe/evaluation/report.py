@@ -72,7 +72,8 @@ def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize
     """What the variant's mechanism did, in words: what a reader checks before believing its row.
     `train`: each variant's metrics/train/<variant>.json; `localize`: NeMo's; `mask`: MemControl's choice."""
     own = train.get(variant, {})
-    skipped = f"skipped {own['train/skipped_share']:.1%} of samples" if "train/skipped_share" in own else None
+    key = "train/skipped_share_mean"
+    skipped = f"skipped {own[key]:.1%} of samples" if key in own else None
     base_params = train.get("baseline", {}).get("cost/trainable_params")
     if variant in ("wen_filter", "memattn_filter", "ietagc", "ietagc_plus"):
         return skipped or "–"

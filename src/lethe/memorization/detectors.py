@@ -12,7 +12,7 @@
 - NeMo (Hintersdorf et al.): the first-step noise difference δ = ε̂(x_T, T, c) − x_T without
   guidance, min-max normalised per channel, for several seeds; a memorized prompt gives the same δ
   whatever the seed. The similarity is MS-SSIM (3 scales, window 11, betas 0.33, as the authors'
-  code) where the latents are large enough for it (> 40 pixels a side: the stable-diffusion
+  code) where the latents are large enough for it (at least 44 pixels a side: the stable-diffusion
   preset's 64x64), plain SSIM below (the embedded 16x16). A seed's score is its highest similarity to
   another seed; the prompt's is the highest over seeds.
 
@@ -72,7 +72,7 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """NeMo's similarity of N x C x H x W noise differences in [0, 1], one value per row: MS-SSIM where the
     images are large enough for its three scales, plain SSIM (window up to 11) below."""
     size = min(a.shape[-2:])
-    if size > (MS_SSIM_KERNEL - 1) * 2 ** (len(MS_SSIM_BETAS) - 1):
+    if size // 2 ** (len(MS_SSIM_BETAS) - 1) > MS_SSIM_KERNEL - 1:  # torchmetrics' own bound
         return multiscale_structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=MS_SSIM_KERNEL,
                                                               betas=MS_SSIM_BETAS, reduction="none")
     kernel = min(MS_SSIM_KERNEL, size if size % 2 else size - 1)

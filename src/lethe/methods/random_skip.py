@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lethe.declarations import Section, TrainingMethod
 from lethe.errors import LetheError
@@ -24,6 +24,13 @@ class RandomSkipConfig(Section):
     follows: str | None = "wen_filter"  # the method whose per-step skipped share is copied; null: `share`
     share: float = Field(0.2, ge=0.0, lt=1.0)  # of each batch's samples, dropped at random when follows is null
     seed: int = 0
+
+    @field_validator("follows")
+    @classmethod
+    def _not_itself(cls, value):
+        if value == "random_skip":
+            raise ValueError("the control cannot follow itself")
+        return value
 
 
 class RandomSkip:

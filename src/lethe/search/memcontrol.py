@@ -49,7 +49,7 @@ from lethe.training.module import DiffusionTraining
 from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainable_count, transformer_blocks
 
 LOCK_GRACE_SECONDS = 30  # a journal lock left by a killed worker is taken over after this long
-STUDY_VERSION = 2  # part of the study key: raise it when a change to the objectives makes old trials stale
+STUDY_VERSION = 3  # part of the study key: raise it when a change to the objectives makes old trials stale
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

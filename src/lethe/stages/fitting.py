@@ -57,7 +57,7 @@ def train_and_save(params: Params, model, data: PreparedData, *, name: str, stag
             "cost/train_seconds": result.seconds,
             "cost/trainable_params": float(module.trainable_parameter_count()),
             "train/samples_seen": float(result.steps * cfg.batch_size),
-            "train/skipped_share": sum(skipped) / max(len(skipped), 1),
+            "train/skipped_share_mean": sum(skipped) / max(len(skipped), 1),  # Lightning logs train/skipped_share
         }
         out = model_dir(name)
         with atomic_dir(out) as tmp:

@@ -103,6 +103,7 @@ class ProxyEnsemble(DiffusionTraining):
 
     def select(self, d: Denoised, batch: dict, model) -> torch.Tensor:
         agc = self.agc[self.proxy_index(self.current_step)]
+        self._ready = agc.bank.ready(d.t)  # before the bank takes this batch in
         keep, self._threshold = agc(d.losses, d.t)
         if not self.use_agc:
             keep = torch.ones_like(keep)
@@ -117,7 +118,8 @@ class ProxyEnsemble(DiffusionTraining):
         if not self.taa_max_shift:
             return losses.mean()
         agc = self.agc[self.proxy_index(self.current_step)]
-        closeness = agc.closeness(losses, self._threshold[keep])
+        # a range that has not seen min_samples judges nothing, so it augments nothing either
+        closeness = agc.closeness(losses, self._threshold[keep]) * self._ready[keep]
         augment = torch.rand(len(losses), device=losses.device) < closeness.mean()  # batch strength
         if augment.any():
             rows = keep.nonzero().flatten()[augment]

@@ -114,6 +114,8 @@ class DiffusionTraining(L.LightningModule):
         keep = self.select(d, batch, model)
         self.log("train/loss", d.losses.mean(), prog_bar=True)
         skipped = 1.0 - keep.float().mean()
+        if self._trainer is not None and self.trainer.world_size > 1:  # the global batch's share, not this rank's
+            skipped = self.trainer.strategy.reduce(skipped, reduce_op="mean")
         self.log("train/skipped_share", skipped)
         if self.current_step < len(self.skipped_per_step):
             self.skipped_per_step[self.current_step] = skipped.detach()
