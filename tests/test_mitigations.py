@@ -256,6 +256,7 @@ def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_da
     d = module.denoise(batch)
     keep = torch.tensor([True, False, True, True])
     module._threshold = 2.0 * d.losses.detach()  # lambda * loss == threshold: closeness 1
+    module._ready = torch.ones(4, dtype=torch.bool)  # ranges that have seen enough to judge
     redrawn = []
     original = module.denoise
     module.denoise = lambda b, m=None, t=None: redrawn.append((b, t)) or original(b, m, t)
@@ -265,6 +266,10 @@ def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_da
     assert shifted["images"].shape == (3, *batch["images"].shape[1:])
     assert not torch.equal(shifted["images"], batch["images"][keep])  # shifted by one pixel
     assert loss.ndim == 0 and torch.isfinite(loss)
+    redrawn.clear()
+    module._ready = torch.zeros(4, dtype=torch.bool)  # a range that judges nothing augments nothing
+    module.kept_loss(d, keep, batch, tiny_model)
+    assert redrawn == []
 
 
 def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params, tmp_path, monkeypatch):
