@@ -141,7 +141,7 @@ def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, gall
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: right; white-space: nowrap; }}
-tr > th:first-child, td.what {{ text-align: left; }}
+tr > th:first-child, .what {{ text-align: left; }}
 td.good {{ background: #e3f4e1; }} td.bad {{ background: #fbe3e1; }}
 figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
 figure img {{ max-width: 560px; border: 1px solid #ddd; }}
@@ -151,7 +151,7 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 <p>{html.escape(LEGEND)} Green: a significant improvement; red: a significant loss.</p>
 <p>Every run in MLflow: with <code>mlflow ui</code> running, open <code>http://127.0.0.1:5000/{html.escape(mlflow_runs)}</code>
 (the experiment's training runs).</p>
-<div style="overflow-x:auto"><table><tr><th>variant</th><th>mechanism</th>{head}</tr>{"".join(rows)}</table></div>
+<div style="overflow-x:auto"><table><tr><th>variant</th><th class='what'>mechanism</th>{head}</tr>{"".join(rows)}</table></div>
 <h2>Memorization against quality</h2>
 <img src="tradeoff.png" alt="dup replication rate against FD, with intervals">
 <h2>Champion policy</h2>
