@@ -23,7 +23,9 @@ def paired(rate, fd=(0.0, -0.05, 0.05), accuracy=(0.0, -0.02, 0.02), point=0.1, 
 def test_policy_needs_a_significant_reduction_and_no_significant_quality_loss():
     assert verdict(paired((-0.5, -0.7, -0.3)), CFG)[0]
     ok, why = verdict(paired((-0.2, -0.45, 0.02)), CFG)  # the interval reaches 0: inside the noise
-    assert not ok and "not a significant reduction" in why
+    assert not ok and "not a significant reduction (its interval reaches 0)" in why
+    ok, why = verdict(paired((0.05, 0.012, 0.1)), CFG)  # more copies, significantly: memattn_filter in stop 25
+    assert not ok and "not a significant reduction (a significant increase)" in why
     ok, why = verdict(paired((-0.5, -0.7, -0.3), fd=(0.3, 0.15, 0.45)), CFG)  # FD surely > +10%
     assert not ok and "FD +30% [+15%, +45%]" in why
     # FD's point is beyond the tolerance but its interval reaches below it: not significantly beyond

@@ -38,8 +38,9 @@ def verdict(candidate: dict[str, float], cfg: RegistryConfig) -> tuple[bool, str
         return False, "no paired comparison of the dup replication rate with the baseline (no dup prompts?)"
     change, low, high = rate
     if not high < 0:
+        why = "a significant increase" if low > 0 else "its interval reaches 0"
         return False, (f"dup replication change {change:+.3f} [{low:+.3f}, {high:+.3f}] is not a significant "
-                       "reduction (its interval reaches 0)")
+                       f"reduction ({why})")
     fd = _paired(candidate, FD, "relative")
     if fd is not None and fd[1] > cfg.fd_tolerance:
         return False, (f"FD {fd[0]:+.0%} [{fd[1]:+.0%}, {fd[2]:+.0%}] against the baseline is significantly "
