@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 
 from lethe.memorization.attention import attention_control, cross_attention_layers
-from lethe.memorization.detectors import (nemo_pairwise, noise_differences, pairwise_similarities, seed_max_similarity,
-                                          similarity)
+from lethe.memorization.detectors import (nemo_pairwise, nemo_scores, noise_differences, pairwise_similarities,
+                                          seed_max_similarity, similarity)
 
 Neuron = tuple[str, int]  # (layer name, output channel of its to_v)
 
@@ -199,6 +199,6 @@ def calibrate(model, data, t, noise: torch.Tensor, holdout_prompts: int):
     pairwise = nemo_pairwise(model.unet, t, noise, holdout)
     tau = (pairwise.mean() + pairwise.std()).item()
     target = data.pictures("target")
-    target_scores = nemo_pairwise(model.unet, t, noise, encode(model, target)).max(1).values
+    target_scores = nemo_scores(model.unet, t, noise, encode(model, target))
     memorized = [int(i) for i in target_scores.argsort(descending=True) if target_scores[i] > tau]
     return stats, tau, target, memorized, target_scores
