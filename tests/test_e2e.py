@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import ROOT, SMOKE
 
@@ -51,6 +52,7 @@ def reproduced(repo):
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     repo, _ = repo
     stages = ["prepare", "calibrate", "shard", "pretrain", "featurizer", "report", "register", "detect", "localize", "memcontrol",
+              "select_loyal",
               *(f"mitigate@{v}" for v in MITIGATE)]
     stages += [f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")]
     stages += [f"evaluate@{v}" for v in INFERENCE] + ["audit@baseline", "audit@champion"]
@@ -127,8 +129,11 @@ def test_mitigations_log_their_own_metrics(repo, reproduced):
     plus = runs["train@ietagc_plus"].data
     assert plus.params["ietagc_plus.msr_share"] == "0.25" and "round/moved_samples" in plus.metrics
     assert "round/proxy_spread" in runs["train@ietagc"].data.metrics
-    assert json.loads((repo / "models/loyal/config.json").read_text())["raunet"]["tau"] == 500
-    assert json.loads((repo / "models/raunet/config.json").read_text())["raunet"]["tau"] == 0
+    choice = json.loads((repo / "search/loyal.json").read_text())  # select_loyal's, which both trained with
+    loyal, raunet = (json.loads((repo / f"models/{v}/config.json").read_text())["raunet"] for v in ("loyal", "raunet"))
+    assert loyal["skips"] == raunet["skips"] == choice["skips"] and len(choice["skips"]) == 2  # half of the 4 skips
+    assert loyal["tau"] == choice["tau"] > 0 and raunet["tau"] == 0
+    assert (repo / "reports/loyal/analysis.md").is_file() and (repo / "reports/loyal/skips.png").is_file()
 
 
 def test_registered_champion_generates_in_a_fresh_process(repo, reproduced):
@@ -157,7 +162,7 @@ def test_mlflow_has_one_run_per_stage(repo, reproduced):
     runs = {n: r for n, r in runs.items() if not n.startswith("memcontrol/")}
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its training runs
     assert runs["prepare"].data.metrics["data/planted_pairs"] == 4
-    assert set(runs) == {"prepare", "calibrate", "pretrain", "featurizer", "report", "register", "detect@baseline",
+    assert set(runs) == {"prepare", "calibrate", "pretrain", "featurizer", "report", "register", "detect@baseline", "select_loyal@loyal",
                          "localize@nemo", "memcontrol", "audit@baseline", "audit@champion",
                          *(f"{stage}@{m}" for m in METHODS for stage in ("train", "evaluate")),
                          *(f"evaluate@{v}" for v in INFERENCE)}
@@ -178,11 +183,18 @@ def test_second_repro_does_nothing(repo, reproduced):
 
 
 def test_changed_training_param_reruns_only_dependents(repo, reproduced):
+    """What DVC would run after a change of loyal.tau: a dry run that forces the changed stages' downstream
+    stages (their actual re-run is what the first repro already tested, and costs minutes)."""
     repo, env = repo
-    sh("git", "add", "-A", cwd=repo, env=env)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", cwd=repo, env=env)
-    out = sh("dvc", "exp", "run", "-S", "loyal.tau=300", cwd=repo, env=env)
-    for stage in ("train@loyal", "train@raunet", "evaluate@loyal", "evaluate@raunet", "report", "register"):
+    params = (repo / "params.yaml").read_text()
+    changed = yaml.safe_load(params)
+    changed["loyal"]["tau"] = 300
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        out = sh("dvc", "repro", "--dry", "--force-downstream", cwd=repo, env=env)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    for stage in ("select_loyal", "train@loyal", "train@raunet", "evaluate@loyal", "evaluate@raunet", "report", "register"):
         assert f"Running stage '{stage}'" in out
     for untouched in ("prepare", "shard", "pretrain", "featurizer", "train@baseline", "evaluate@baseline", "train@ietagc",
                       "memcontrol", "train@memcontrol"):

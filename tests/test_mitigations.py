@@ -11,7 +11,7 @@ from lethe.data.shards import assign_shards
 from lethe.errors import LetheError
 from lethe.methods.wen_inference import settings as wen_settings
 from lethe.models.diffusion_model import add_raunet, build_scheduler, load_model, save_model
-from lethe.models.raunet import RAUNet, TimestepRouter, skip_channels
+from lethe.models.raunet import RAUNet, TimestepRouter, level_skips, skip_channels
 from lethe.training.agc import AntiGradientControl
 from lethe.training.ensemble import ProxyEnsemble, average_into, redistribute, shift_images
 from lethe.training.fit import CaptionedImages, StepBatches, fit
@@ -90,7 +90,7 @@ def test_raunet_with_identity_blocks_gives_the_unets_output(tiny_model):
     states = torch.randn(2, 5, unet.config.cross_attention_dim)
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=states).sample
-        rau = RAUNet(unet, "conv", levels=(0, 1), init="identity")
+        rau = RAUNet(unet, "conv", skips=level_skips(unet, (0, 1)), init="identity")
         same = rau(x, t, encoder_hidden_states=states).sample
         rau.blocks["0"][0].convs[0].weight.add_(0.5)
         changed = rau(x, t, encoder_hidden_states=states).sample
@@ -109,7 +109,7 @@ def test_skip_channels_match_what_the_up_blocks_receive(tiny_model):
 
 @pytest.mark.parametrize("block", ["conv", "conv_silu", "conv_stack", "pool", "drop"])
 def test_every_block_type_keeps_shapes(tiny_model, block):
-    rau = RAUNet(tiny_model.unet, block, levels=(0,))
+    rau = RAUNet(tiny_model.unet, block, skips=level_skips(tiny_model.unet, (0,)))
     out = rau(torch.randn(2, 1, 16, 16), 5, encoder_hidden_states=torch.randn(2, 3, tiny_model.unet.config.cross_attention_dim)).sample
     assert out.shape == (2, 1, 16, 16)
 
@@ -133,7 +133,7 @@ def test_router_sends_each_timestep_to_the_right_network():
 
 
 def test_raunet_blocks_are_saved_loaded_and_trained(tiny_model, tmp_path):
-    add_raunet(tiny_model, "conv", (0, 1), tau=500, init="random")
+    add_raunet(tiny_model, "conv", tau=500, init="random", levels=(0, 1))
     keys = list(tiny_model.trainable_state_dict())
     assert any(k.startswith("unet.high.unet.up_blocks.0.skip_transfer.0.") for k in keys)
     assert any(k.startswith("unet.low.") for k in keys)

@@ -32,7 +32,11 @@ def test_each_row_says_what_its_mechanism_did():
     assert said["memcontrol"] == "trains 1.25% of parameters, attention on 2 blocks"
     assert said["nemo"] == "31 to_v neurons pruned, from 5 of 7 prompts localized"
     assert said["memattn"] == "begin-token logit x1.25, padding masked, every step"
-    assert said["loyal"] == "conv transfer blocks on skip levels [0, 1], t ≥ 500"
+    assert said["loyal"] == "conv transfer blocks on every skip of levels [0, 1], t ≥ 500"  # nothing measured
+    choice = {"skips": [[1, 0], [1, 1]], "skips_total": 4, "tau": 480, "tau_from": "measured"}
+    assert mechanism("loyal", params, train, localized, mask, choice) == (
+        "conv transfer blocks on the 2 of 4 skips least essential for FD: (1, 0), (1, 1), t ≥ 480 (measured)")
+    assert mechanism("raunet", params, train, localized, mask, choice).endswith("(1, 0), (1, 1), every t")
 
 
 @pytest.mark.parametrize("stage", ["report", "register"])

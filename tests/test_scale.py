@@ -222,7 +222,7 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
 # Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
 PIPELINE = [
     ["prepare"], ["featurizer"], ["calibrate"], ["pretrain"], ["shard"],
-    *(["train", m] for m in METHODS if m != "memcontrol"),
+    ["train", "baseline"], ["select_loyal"], *(["train", m] for m in METHODS if m not in ("baseline", "memcontrol")),
     ["detect"], *(["mitigate", v] for v in MITIGATE), ["localize"], ["memcontrol"],
     ["train", "memcontrol"],
     *(["evaluate", v] for v in VARIANTS),
@@ -248,6 +248,7 @@ def test_pipeline_order_covers_dvc_yaml():
             "localize" if INFERENCE[variant].stage == "localize" else f"mitigate@{variant}")
         assert position[made_by] < position[f"evaluate@{variant}"], variant
     assert position["memcontrol"] < position["train@memcontrol"]
+    assert position["train@baseline"] < position["select_loyal"] < min(position["train@loyal"], position["train@raunet"])
     assert position["detect"] < position["mitigate@wen_inference"] < position["report"] < position["register"]
     assert position["calibrate"] < position["detect"] and position["evaluate@baseline"] == min(
         position[f"evaluate@{v}"] for v in VARIANTS)  # every variant is paired with the baseline's outcomes

@@ -28,6 +28,7 @@ STAGES = {
     "mitigate": "package an inference-time mitigation with the baseline",
     "localize": "NeMo: localize memorization neurons, prune their union",
     "memcontrol": "MemControl: Optuna search over which U-Net blocks to fine-tune",
+    "select_loyal": "LoyalDiffusion: measure skip importance and memorization over t; choose skips and tau",
     "report": "compare every variant: table and trade-off plot",
     "register": "register every variant in the MLflow registry, move aliases",
     "promote": "move a registry alias by hand (champion must pass the policy)",

@@ -68,9 +68,10 @@ def _cell(value, key: str = "", values: dict[str, float] | None = None) -> str:
 
 
 def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize: dict[str, float],
-              mask: dict | None) -> str:
+              mask: dict | None, loyal: dict | None = None) -> str:
     """What the variant's mechanism did, in words: what a reader checks before believing its row.
-    `train`: each variant's metrics/train/<variant>.json; `localize`: NeMo's; `mask`: MemControl's choice."""
+    `train`: each variant's metrics/train/<variant>.json; `localize`: NeMo's; `mask`: MemControl's choice;
+    `loyal`: select_loyal's choice of skips and tau."""
     own = train.get(variant, {})
     key = "train/skipped_share_mean"
     skipped = f"skipped {own[key]:.1%} of samples" if key in own else None
@@ -83,8 +84,14 @@ def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize
         follows = params.random_skip.follows
         return f"{skipped}, at random: {follows}'s share at each step" if follows and skipped else (skipped or "–")
     if variant in ("loyal", "raunet"):
-        tau = params.loyal.tau if variant == "loyal" else 0
-        return f"{params.loyal.block} transfer blocks on skip levels {list(params.loyal.levels)}, t ≥ {tau}"
+        cfg = params.loyal
+        if cfg.choose == "measured" and loyal:
+            skips = ", ".join(f"({a}, {b})" for a, b in loyal["skips"])
+            where = f"the {len(loyal['skips'])} of {loyal['skips_total']} skips least essential for FD: {skips}"
+            when = f"t ≥ {loyal['tau']} ({'measured' if loyal['tau_from'] == 'measured' else 'loyal.tau'})"
+        else:
+            where, when = f"every skip of levels {list(cfg.levels)}", f"t ≥ {cfg.tau}"
+        return f"{cfg.block} transfer blocks on {where}, {'every t' if variant == 'raunet' else when}"
     if variant == "memcontrol" and mask:
         share = f"{own['cost/trainable_params'] / base_params:.2%} of parameters, " if base_params and own else ""
         return f"trains {share}{mask.get('family')} on {len(mask.get('blocks', []))} blocks"

@@ -1,30 +1,54 @@
-"""LoyalDiffusion (Li et al.): RAU-Net, transfer blocks on the skip connections, for t >= tau only."""
+"""LoyalDiffusion (Li et al.): RAU-Net, transfer blocks on the skip connections, for t >= tau only.
+
+With `choose: measured` (the default) the skips and tau are the ones the `select_loyal` stage measured
+(`lethe.search.loyal`: the least essential skips for quality, the t from which memorization arises); with
+`choose: fixed`, every skip of `levels` and `tau` as given (the public configuration).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field
 
 from lethe.declarations import Section, TrainingMethod
+from lethe.errors import LetheError
+from lethe.paths import LOYAL_CHOICE
 
 
 class LoyalConfig(Section):
-    """Transfer blocks on the skips of the chosen up-block levels (0 = deepest)."""
+    """Transfer blocks on chosen skips, and the t from which the RAU-Net denoises."""
 
     block: Literal["conv", "conv_silu", "conv_stack", "pool", "drop"] = "conv"
-    levels: tuple[int, ...] = (0, 1)  # the public configuration: the two deepest levels
-    tau: int = Field(500, ge=1)  # RAU-Net for t >= tau, the standard U-Net below (train@raunet: every t)
     init: Literal["random", "identity"] = "random"  # identity: the RAU-Net starts as the U-Net
+    choose: Literal["measured", "fixed"] = "measured"  # measured: select_loyal's skips and tau; fixed: the two below
+    levels: tuple[int, ...] = (0, 1)  # fixed: every skip of these up-block levels (0 = deepest; public: the two deepest)
+    tau: int = Field(500, ge=1)  # fixed: RAU-Net for t >= tau (public: 500); measured: kept when nothing is measured
+    skip_share: float = Field(0.5, gt=0, le=1)  # measured: the share of skips given blocks, least essential first
+    gap_share: float = Field(0.5, gt=0, le=1)  # measured: tau, the smallest t whose memorization gap reaches this share
+    timesteps: int = Field(10, ge=2)  # measured: noise levels of the timestep analysis (from the sampler's schedule)
 
 
-def with_raunet(params, model, tau: int | None = None) -> None:
-    """The model's U-Net becomes RAU-Net, routed by t (`loyal.tau`, or the given tau; 0: every t)."""
+def chosen(params) -> tuple[list[tuple[int, int]] | None, int]:
+    """The skips (None: every skip of `levels`) and tau that train@loyal and train@raunet use."""
+    cfg = params.loyal
+    if cfg.choose == "fixed":
+        return None, cfg.tau
+    if not LOYAL_CHOICE.exists():
+        raise LetheError(f"{LOYAL_CHOICE}: missing; run `dvc repro select_loyal` first (or set loyal.choose: fixed)")
+    choice = json.loads(LOYAL_CHOICE.read_text())
+    return [tuple(s) for s in choice["skips"]], choice["tau"]
+
+
+def with_raunet(params, model, every_t: bool = False) -> None:
+    """The model's U-Net becomes RAU-Net, routed by the chosen tau (every t for train@raunet)."""
     from lethe.models.diffusion_model import add_raunet
 
     cfg = params.loyal
-    add_raunet(model, cfg.block, cfg.levels, cfg.tau if tau is None else tau, cfg.init)
+    skips, tau = chosen(params)
+    add_raunet(model, cfg.block, skips, 0 if every_t else tau, cfg.init, levels=cfg.levels)
 
 
 METHOD = TrainingMethod("loyal", "RAU-Net for t >= tau", section="loyal", schema=LoyalConfig, reads=("loyal",),
-                        prepare_model=with_raunet)
+                        needs=(str(LOYAL_CHOICE),), prepare_model=with_raunet)

@@ -1,7 +1,8 @@
-"""LoyalDiffusion's ablation: RAU-Net at every timestep (tau = 0), with loyal's blocks and levels."""
+"""LoyalDiffusion's ablation: RAU-Net at every timestep (tau = 0), with loyal's blocks on loyal's skips."""
 
 from lethe.declarations import TrainingMethod
 from lethe.methods.loyal import with_raunet
+from lethe.paths import LOYAL_CHOICE
 
-METHOD = TrainingMethod("raunet", "RAU-Net at every t", reads=("loyal",),
-                        prepare_model=lambda params, model: with_raunet(params, model, tau=0))
+METHOD = TrainingMethod("raunet", "RAU-Net at every t", reads=("loyal",), needs=(str(LOYAL_CHOICE),),
+                        prepare_model=lambda params, model: with_raunet(params, model, every_t=True))

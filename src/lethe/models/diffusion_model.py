@@ -19,7 +19,7 @@ from torch import nn
 
 from lethe.config import DiffusionConfig, ModelConfig
 from lethe.errors import LetheError
-from lethe.models.raunet import with_raunet
+from lethe.models.raunet import level_skips, with_raunet
 from lethe.models.text import ClipTextEncoder, SmallTextEncoder
 
 
@@ -32,7 +32,7 @@ class ModelSpec:
     channels: int
     save_text_encoder: bool  # the weights file holds the text encoder too (pixel path, or a fine-tuned one)
     vocabulary: list[int] | None = None  # the pixel path's token ids, in embedding order
-    raunet: dict | None = None  # LoyalDiffusion's blocks: block, levels, tau, init
+    raunet: dict | None = None  # LoyalDiffusion's blocks: block, skips, tau, init
     inference: dict[str, dict] = field(default_factory=dict)  # inference-time mitigation -> its settings
 
     def to_json(self) -> dict:
@@ -117,10 +117,13 @@ def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: li
     return DiffusionModel(unet, text, None, ModelSpec(**spec, save_text_encoder=True, vocabulary=vocabulary))
 
 
-def add_raunet(model: DiffusionModel, block: str, levels, tau: int, init: str) -> None:
-    """Give the model LoyalDiffusion's denoiser (RAU-Net, routed by t unless tau is 0), recorded in its spec."""
-    model.unet = with_raunet(model.unet, block, tuple(levels), tau, init)
-    model.spec.raunet = {"block": block, "levels": list(levels), "tau": tau, "init": init}
+def add_raunet(model: DiffusionModel, block: str, skips=None, tau: int = 0, init: str = "random", levels=None) -> None:
+    """Give the model LoyalDiffusion's denoiser (RAU-Net, routed by t unless tau is 0), recorded in its spec.
+    `skips` are (level, index) pairs; `levels` (a config saved before skips were chosen one by one) means all
+    the skips of those levels."""
+    skips = [tuple(s) for s in skips] if skips is not None else level_skips(model.unet, levels or ())
+    model.unet = with_raunet(model.unet, block, skips, tau, init)
+    model.spec.raunet = {"block": block, "skips": [list(s) for s in skips], "tau": tau, "init": init}
 
 
 def build_scheduler(model: DiffusionModel, cfg: DiffusionConfig) -> DDPMScheduler:

@@ -85,20 +85,23 @@ class WrappedUNet(nn.Module):
 
 
 class RAUNet(WrappedUNet):
-    """A U-Net whose skips at the chosen up-block levels (0 = deepest) pass through transfer blocks."""
+    """A U-Net whose chosen skips, (up-block level, index in the tuple it receives) with 0 the deepest level,
+    pass through transfer blocks; the other skips of the same up block pass unchanged."""
 
     inner = "unet"
 
-    def __init__(self, unet: UNet2DConditionModel, block: str, levels: tuple[int, ...], init: str = "random"):
+    def __init__(self, unet: UNet2DConditionModel, block: str, skips, init: str = "random"):
         super().__init__()
         self.unet = unet
         channels = skip_channels(unet)
-        bad = [level for level in levels if not 0 <= level < len(channels)]
+        skips = {tuple(s) for s in skips}
+        bad = [s for s in sorted(skips) if not (0 <= s[0] < len(channels) and 0 <= s[1] < len(channels[s[0]]))]
         if bad:
-            raise ValueError(f"skip level {bad[0]} does not exist (the U-Net has {len(channels)} levels)")
-        for level in levels:
+            raise ValueError(f"skip {list(bad[0])} does not exist (the U-Net's levels receive {[len(c) for c in channels]} skips)")
+        for level in sorted({level for level, _ in skips}):
             up = unet.up_blocks[level]
-            up.skip_transfer = nn.ModuleList(TransferBlock(block, c, init) for c in channels[level])
+            up.skip_transfer = nn.ModuleList(TransferBlock(block, c, init) if (level, i) in skips else nn.Identity()
+                                             for i, c in enumerate(channels[level]))
             up.register_forward_pre_hook(_transfer_skips, with_kwargs=True)
 
     @property
@@ -130,8 +133,15 @@ class TimestepRouter(WrappedUNet):
         return SimpleNamespace(sample=out)
 
 
-def with_raunet(unet: UNet2DConditionModel, block: str, levels: tuple[int, ...], tau: int, init: str) -> nn.Module:
+def level_skips(unet: UNet2DConditionModel, levels) -> list[tuple[int, int]]:
+    """Every skip the given up-block levels receive, as (level, index)."""
+    channels = skip_channels(unet)
+    return [(level, i) for level in levels if 0 <= level < len(channels) for i in range(len(channels[level]))] + \
+        [(level, 0) for level in levels if not 0 <= level < len(channels)]  # a bad level: RAUNet names it
+
+
+def with_raunet(unet: UNet2DConditionModel, block: str, skips, tau: int, init: str) -> nn.Module:
     """The denoiser for LoyalDiffusion: RAU-Net alone when tau is 0, else routed with a copy of the U-Net."""
     if tau == 0:
-        return RAUNet(unet, block, levels, init)
-    return TimestepRouter(unet, RAUNet(copy.deepcopy(unet), block, levels, init), tau)
+        return RAUNet(unet, block, skips, init)
+    return TimestepRouter(unet, RAUNet(copy.deepcopy(unet), block, skips, init), tau)

@@ -16,7 +16,7 @@ from lethe.evaluation.report import (
 )
 from lethe.files import variant_metrics, write_json, write_text
 from lethe.methods import VARIANTS
-from lethe.paths import CHOSEN_MASK, LOCALIZE_METRICS, PLOTS, REPORTS, train_metrics_file
+from lethe.paths import CHOSEN_MASK, LOCALIZE_METRICS, LOYAL_CHOICE, PLOTS, REPORTS, train_metrics_file
 from lethe.registry import choose_champion
 from lethe.search.summary import memcontrol_section
 from lethe.tracking import stage_run
@@ -28,8 +28,8 @@ def report(params) -> str:
     points = tradeoff_points(metrics)
     sections = detection_section() + memcontrol_section(metrics) + data_section()
     train = {v: _json(train_metrics_file(v)) for v in ("baseline", *metrics)}
-    localized, mask = _json(LOCALIZE_METRICS), _json(CHOSEN_MASK)
-    mechanisms = {v: mechanism(v, params, train, localized, mask) for v in metrics}
+    localized, mask, loyal = _json(LOCALIZE_METRICS), _json(CHOSEN_MASK), _json(LOYAL_CHOICE)
+    mechanisms = {v: mechanism(v, params, train, localized, mask, loyal) for v in metrics}
     write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics, mechanisms) + "\n"
                + LEGEND + "\n" + sections)
     champion, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})
