@@ -36,11 +36,15 @@ def _expected(model, family, blocks):
         return {n for n in names if ".lora_A." in n or ".lora_B." in n}
     if family == "attention":
         return {n for n in names if (".attn1.to_" in n or ".attn2.to_" in n)}
+    if family == "svdiff":  # one shift vector per weight matrix: linear layers and convolutions alike
+        weights = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                   and any(n.startswith(f"unet.{b}.") for b in blocks)}
+        return {f"{w}.parametrizations.weight.0.delta" for w in weights}
     norms = (".norm", "proj_in.bias", "proj_out.bias", ".bias")
     return {n for n in names if n.endswith(".gamma") or any(k in n for k in norms)}
 
 
-@pytest.mark.parametrize("family", ["lora", "attention", "difffit"])
+@pytest.mark.parametrize("family", ["lora", "attention", "difffit", "svdiff"])
 def test_mask_bits_train_exactly_the_named_blocks(smoke_params, tiny_data, tiny_model, tmp_path, family):
     model, bits = tiny_model, [1, 0, 0, 1]
     chosen = [b for b, bit in zip(BLOCKS, bits) if bit]
@@ -104,7 +108,12 @@ def test_policy_lowest_memorization_within_fd_tolerance(smoke_params):
     cfg = smoke_params.memcontrol.model_copy(update={"fd_tolerance": 0.1, "max_trainable_share": 0.05})
     assert choose(trials, {"fd": 10.0}, cfg)[0].number == 1  # 2 is too far in FD, 3 trains too much
     assert choose(trials, {"fd": 10.0}, cfg.model_copy(update={"max_trainable_share": 1.0}))[0].number == 3
-    assert choose(trials, {"fd": 8.0}, cfg)[0].number == 0  # nothing within tolerance: lowest FD
+    full = cfg.model_copy(update={"fd_reference": "full"})
+    assert choose(trials, {"fd": 8.0}, full)[0].number == 0  # nothing within 10% of full fine-tuning: lowest FD
+    chosen, reason = choose(trials, {"fd": 8.0}, cfg)  # auto: full fine-tuning is out of the masks' reach ...
+    assert chosen.number == 1 and "best reference (10.000)" in reason  # ... so the best trial is the reference
+    assert "auto: no trial within 10% of full fine-tuning's 8.000" in reason
+    assert "full reference (10.000)" in choose(trials, {"fd": 10.0}, cfg)[1]  # auto, within reach: full fine-tuning
     assert choose(trials, None, cfg.model_copy(update={"fd_reference": "best", "fd_tolerance": 0.2}))[0].number == 2
     with pytest.raises(LetheError):
         choose([], None, cfg)
@@ -244,7 +253,7 @@ def test_stage_outputs_and_nested_runs(killed_and_resumed):
     root, _, _ = killed_and_resumed
     chosen = json.loads((root / "search/memcontrol.json").read_text())
     study = _study(root)
-    assert chosen["study"] == study.study_name and chosen["blocks"] and chosen["family"] == "lora"
+    assert chosen["study"] == study.study_name and chosen["blocks"] and chosen["family"] == "attention"
     assert chosen["trial"] in {t["trial"] for t in chosen["pareto_front"]} or chosen["policy"].startswith("no trial")
     assert {t.number for t in study.best_trials} == {t["trial"] for t in chosen["pareto_front"]}
     assert 0 < chosen["trainable_share"] < 0.2 and chosen["reference"]["cost/trainable_share"] == 1.0
@@ -303,3 +312,16 @@ def test_two_workers_share_one_study(base, tmp_path_factory):
     complete = {t.number: t.values for t in _check_shared(root, 6)}
     assert all(complete[t.number] == t.values for t in first)
     assert json.loads((root / "search/memcontrol.json").read_text())["trial"] in complete
+
+
+def test_svdiff_shifts_singular_values_and_starts_at_the_weight():
+    from lethe.training.peft_masks import SpectralShift
+
+    weight = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    shift = SpectralShift(weight)
+    assert torch.allclose(shift(weight), weight, atol=1e-6)  # delta = 0: the weight itself
+    with torch.no_grad():
+        shift.delta.copy_(torch.tensor([1.0, -2.0]))  # sigma (3, 1) -> ReLU(4, -1) = (4, 0)
+    assert torch.allclose(shift(weight), torch.tensor([[4.0, 0.0], [0.0, 0.0]]), atol=1e-6)
+    conv = torch.randn(4, 3, 3, 3)  # a convolution's kernel: its (4, 27) matrix, shape kept
+    assert torch.allclose(SpectralShift(conv)(conv), conv, atol=1e-5)

@@ -15,7 +15,7 @@ from lethe.paths import CHOSEN_MASK
 class MemControlConfig(Section):
     """An Optuna search over which transformer blocks' PEFT parameters to fine-tune."""
 
-    family: Literal["lora", "attention", "difffit"] = "lora"  # what a 1-bit block trains
+    family: Literal["attention", "difffit", "svdiff", "lora"] = "attention"  # what a 1-bit block trains (paper: the first three)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0.0)
     lr_min: float = Field(1e-5, gt=0.0, le=1.0)  # learning rate, log-uniform (published: 1e-5 to 1e-3)
@@ -27,7 +27,8 @@ class MemControlConfig(Section):
     magnitude_draws: int = Field(8, ge=1)  # random timesteps per memorized image
     fd_prompts: int = Field(100, ge=2)  # holdout prompts generated (one seed each) for the FD objective
     sample_steps: int = Field(20, ge=1, le=1000)  # DDIM steps of those generations
-    fd_reference: Literal["full", "best"] = "full"  # policy: FD of full fine-tuning, or the best trial's
+    fd_reference: Literal["auto", "full", "best"] = "auto"  # policy: FD of full fine-tuning, the best trial's, or auto:
+    # full fine-tuning's when some trial comes within fd_tolerance of it, else the best trial's
     fd_tolerance: float = Field(0.1, ge=0.0)  # policy: relative FD rise allowed over the reference
     accuracy_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # policy: prompt accuracy drop allowed below full fine-tuning's
     max_trainable_share: float = Field(1.0, gt=0.0, le=1.0)  # policy: masks training more are not chosen

@@ -266,7 +266,10 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 def choose(trials: list[FrozenTrial], full: dict | None, cfg) -> tuple[FrozenTrial, str]:
     """The policy: lowest memorization whose FD is within the tolerance of the reference FD, among the
     masks small enough and (where accuracy is measured) following prompts nearly as well as the
-    reference: full fine-tuning, or with `fd_reference: best` the most accurate trial."""
+    reference. The reference: full fine-tuning (`full`), the best trial (`best`), or (`auto`) full
+    fine-tuning when some trial comes within the tolerance of it, else the best trial, so that the
+    trade-off, not the lowest-FD fallback, picks the mask whenever full fine-tuning at the trial budget
+    improves the base model more than any mask can."""
     if not trials:
         raise LetheError("memcontrol: the study has no completed trial to choose from; raise memcontrol.n_trials")
     allowed = [t for t in trials if t.user_attrs["cost/trainable_share"] <= cfg.max_trainable_share] or trials
@@ -280,13 +283,18 @@ def choose(trials: list[FrozenTrial], full: dict | None, cfg) -> tuple[FrozenTri
             allowed = following
         else:
             caveat = f"; no trial's prompt accuracy within {cfg.accuracy_tolerance} of {ref_accuracy:.2f}"
-    best_fd = min(t.values[1] for t in trials)
-    ref = full["fd"] if cfg.fd_reference == "full" and full else best_fd
+    best_fd = min(t.values[1] for t in allowed)
+    reference = cfg.fd_reference if full else "best"
+    if reference == "auto":
+        reference = "full" if best_fd <= full["fd"] * (1 + cfg.fd_tolerance) else "best"
+    ref = full["fd"] if reference == "full" else best_fd
     within = [t for t in allowed if t.values[1] <= ref * (1 + cfg.fd_tolerance)]
+    why = f" (auto: no trial within {cfg.fd_tolerance:.0%} of full fine-tuning's {full['fd']:.3f})" \
+        if cfg.fd_reference == "auto" and reference == "best" and full else ""
     if within:
         return min(within, key=lambda t: (t.values[0], t.values[1])), (
-            f"lowest memorization with FD within {cfg.fd_tolerance:.0%} of the {cfg.fd_reference} reference "
-            f"({ref:.3f}){caveat}")
+            f"lowest memorization with FD within {cfg.fd_tolerance:.0%} of the {reference} reference "
+            f"({ref:.3f}){why}{caveat}")
     return min(allowed, key=lambda t: t.values[1]), (
         f"no trial within {cfg.fd_tolerance:.0%} of {ref:.3f}: lowest FD{caveat}")
 

@@ -7,7 +7,13 @@ parameters of the 1-blocks stays frozen, the text encoder included. Families:
 - `lora`: low-rank adapters (through `peft`) on the attention projections of the chosen blocks;
 - `attention`: the attention projections themselves (self- and cross-attention);
 - `difffit`: DiffFit-style scales and biases: the blocks' biases and norm parameters, plus a learned
-  scale γ (initialised to 1) on each residual branch's output projection.
+  scale γ (initialised to 1) on each residual branch's output projection;
+- `svdiff`: SVDiff's spectral shifts (Han et al., 2023): every weight matrix of the chosen blocks (linear
+  layers, and 1x1 or larger convolutions reshaped to a matrix) is W = U diag(σ) Vᵀ, frozen, and trains only
+  δ, one shift per singular value: W' = U diag(ReLU(σ + δ)) Vᵀ, with δ = 0 at the start.
+
+MemControl's paper searches masks over the attention, DiffFit and SV-Diff families; `lora` is kept as an
+extra family (the one most fine-tuning scripts use).
 
 `merge` folds adapters and scales into the plain weights, so a masked model saves and loads through
 `models/factory.py` exactly like a fully fine-tuned one.
@@ -25,7 +31,7 @@ from torch.nn.utils import parametrize
 from lethe.models.diffusion_model import DiffusionModel
 from lethe.training.module import DiffusionTraining
 
-FAMILIES = ("lora", "attention", "difffit")
+FAMILIES = ("attention", "difffit", "svdiff", "lora")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # output projections of a transformer block's residual branches: where DiffFit's γ scales
 BRANCH_OUTPUTS = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
@@ -64,6 +70,23 @@ class Scale(nn.Module):
         return value * self.gamma
 
 
+class SpectralShift(nn.Module):
+    """SVDiff's parametrization of a weight: its SVD frozen, a learned shift δ of each singular value."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.shape = weight.shape
+        u, sigma, vh = torch.linalg.svd(weight.detach().flatten(1).float(), full_matrices=False)
+        self.register_buffer("u", u)
+        self.register_buffer("sigma", sigma)
+        self.register_buffer("vh", vh)
+        self.delta = nn.Parameter(torch.zeros_like(sigma))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # the stored weight is replaced, not used
+        spectrum = torch.relu(self.sigma + self.delta)
+        return ((self.u * spectrum) @ self.vh).view(self.shape).to(weight.dtype)
+
+
 def _in_blocks(name: str, blocks: tuple[str, ...]) -> bool:
     return any(name.startswith(block + ".") for block in blocks)
 
@@ -91,6 +114,10 @@ def apply_mask(model: DiffusionModel, mask: Mask) -> None:
     elif mask.family == "attention":
         for name in _projections(unet, mask.blocks):
             unet.get_submodule(name).requires_grad_(True)
+    elif mask.family == "svdiff":
+        for name, module in list(unet.named_modules()):
+            if _in_blocks(name, mask.blocks) and isinstance(module, (nn.Linear, nn.Conv2d)):
+                parametrize.register_parametrization(module, "weight", SpectralShift(module.weight))
     else:
         for name, param in unet.named_parameters():
             if _in_blocks(name, mask.blocks) and name.endswith(".bias"):
@@ -111,7 +138,7 @@ def merge(model: DiffusionModel, mask: Mask) -> None:
     if mask.family == "lora" and mask.blocks:
         unet.fuse_lora()
         unet.unload_lora()
-    if mask.family == "difffit":
+    if mask.family in ("difffit", "svdiff"):
         for module in list(unet.modules()):
             for tensor in ("weight", "bias"):
                 if parametrize.is_parametrized(module, tensor):
@@ -127,7 +154,7 @@ def base_count(model: DiffusionModel) -> int:
     """What full fine-tuning trains (U-Net and text encoder, no adapter, no VAE): the share's denominator."""
     modules = [model.unet, model.text_encoder]
     return sum(p.numel() for m in modules for n, p in m.named_parameters()
-               if "lora_" not in n and not n.endswith(".gamma"))
+               if "lora_" not in n and not n.endswith((".gamma", ".delta")))
 
 
 class MaskedTraining(DiffusionTraining):
