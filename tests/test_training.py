@@ -106,3 +106,23 @@ def test_frozen_text_encoder_gets_no_gradient(smoke_params, tiny_data, tiny_mode
     module.per_sample_loss(batch)[0].mean().backward()
     assert all(p.grad is None for p in module.model.text_encoder.parameters())
     assert module.model.unet.conv_in.weight.grad is not None
+
+
+def test_a_resumable_run_is_keyed_by_the_files_its_method_reads(project, smoke_params):
+    """A killed train@random_skip must not resume after the followed curve changed (nor train@loyal after
+    select_loyal chose other skips): the checkpoint directory hashes those files' contents."""
+    from lethe.methods import training_method
+    from lethe.stages.fitting import checkpoint_dir
+
+    (project / "models/pretrained").mkdir(parents=True)
+    (project / "models/pretrained/config.json").write_text("{}")
+    control = training_method("random_skip")
+    inputs = control.inputs(smoke_params)
+    assert inputs == ("models/wen_filter/skipped_per_step.json",)
+    (project / "models/wen_filter").mkdir()
+    (project / inputs[0]).write_text("[0.1, 0.2]")
+    first = checkpoint_dir(smoke_params, "random_skip", "train", "data", inputs)
+    assert checkpoint_dir(smoke_params, "random_skip", "train", "data", inputs) == first
+    (project / inputs[0]).write_text("[0.1, 0.3]")
+    assert checkpoint_dir(smoke_params, "random_skip", "train", "data", inputs) != first
+    assert training_method("loyal").needs == ("search/loyal.json",)  # train() keys loyal by its choice

@@ -36,6 +36,8 @@ class TrainingMethod:
     schema: type[Section] | None = None  # ... and its schema
     reads: tuple[str, ...] = ()  # every params section the hooks read, its own included
     needs: tuple[str, ...] = ()  # inputs beyond the data and the pretrained model (paths)
+    # files read at run time, params permitting (default: `needs`): their contents key a resumable run
+    inputs: Callable[[Any], tuple[str, ...]] | None = None
     prepare_model: Callable[[Any, Any], None] | None = None
     caption_noise: Callable[[Any, list[str]], Callable[[str], str] | None] | None = None
     training: Callable[[Any, Any, Any, int], Any] | None = None

@@ -12,6 +12,7 @@ drops exactly the samples an uninterrupted one would, and every rank of a DDP ru
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
@@ -53,8 +54,12 @@ class RandomSkip:
         return keep
 
 
+def curve_file(method: str) -> Path:
+    return model_dir(method) / "skipped_per_step.json"
+
+
 def followed_curve(method: str) -> list[float]:
-    path = model_dir(method) / "skipped_per_step.json"
+    path = curve_file(method)
     try:
         curve = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -73,4 +78,6 @@ def training(params, model, scheduler, samples: int):
 
 
 METHOD = TrainingMethod("random_skip", "a random share of samples skipped (control)", section="random_skip",
-                        schema=RandomSkipConfig, reads=("random_skip",), training=training)
+                        schema=RandomSkipConfig, reads=("random_skip",), training=training,
+                        inputs=lambda params: (str(curve_file(params.random_skip.follows)),)
+                        if params.random_skip.follows else ())

@@ -22,16 +22,23 @@ from lethe.training.fit import CaptionedImages, FitResult, checkpoint_key, fit
 from lethe.training.module import DiffusionTraining
 
 
+def checkpoint_dir(params: Params, name: str, stage: str, data_hash: str, inputs: tuple[str, ...] = ()) -> Path:
+    """Where a run keeps what it resumes from: keyed by the params, the data, the pretrained model and the
+    contents of the files the method reads, so that a resumed run is the run that was killed."""
+    base_hash = content_hash(PRETRAINED) if stage != "pretrain" else None
+    read = [content_hash(path) for path in inputs if Path(path).exists()]
+    return CHECKPOINTS / f"{name}-{checkpoint_key(name, params.model_dump(mode='json'), data_hash, base_hash, *read)}"
+
+
 def train_and_save(params: Params, model, data: PreparedData, *, name: str, stage: str, method: str,
                    cfg: TrainConfig, split: str, sections: tuple[str, ...], training=None, caption_noise=None,
-                   probe_cfg: ProbeConfig | None = None) -> dict:
+                   probe_cfg: ProbeConfig | None = None, inputs: tuple[str, ...] = ()) -> dict:
     """Train `model` on a split through `training(model, scheduler, samples)` (default: plain fine-tuning),
-    save it as `models/<name>`, and probe it afterwards when `probe_cfg` is given."""
+    save it as `models/<name>`, and probe it afterwards when `probe_cfg` is given. `inputs`: the files the
+    method reads (a chosen mask, LoyalDiffusion's skips, a followed skip curve); a changed one starts afresh."""
     scheduler = build_scheduler(model, params.diffusion)
     data_hash = content_hash(DATA)
-    base_hash = content_hash(PRETRAINED) if stage != "pretrain" else None
-    key = checkpoint_key(name, params.model_dump(mode="json"), data_hash, base_hash)
-    checkpoints = CHECKPOINTS / f"{name}-{key}"
+    checkpoints = checkpoint_dir(params, name, stage, data_hash, inputs)
     records = data.training_records(split) if cfg.steps else data.split(split)  # steps 0: the model as it is
     # latent path: VAE latents encoded once per dataset and VAE, so training never runs the encoder
     latents = None

@@ -23,6 +23,7 @@ def train(params: Params, method: str) -> dict:
         declared.prepare_model(params, model)
     training = (lambda m, s, n: declared.training(params, m, s, n)) if declared.training else None
     noise = (lambda captions: declared.caption_noise(params, captions)) if declared.caption_noise else None
+    inputs = declared.inputs(params) if declared.inputs else declared.needs
     return train_and_save(params, model, data, name=method, stage="train", method=method, cfg=params.finetune,
                           split="target", sections=("finetune", "sample", "probe", *declared.reads),
-                          training=training, caption_noise=noise, probe_cfg=params.probe)
+                          training=training, caption_noise=noise, probe_cfg=params.probe, inputs=inputs)
