@@ -150,3 +150,19 @@ def test_skip_importance_pairs_each_dropped_skip_with_the_intact_generations():
     assert [r["fd_relative"] for r in rows] == [2.0, -0.5]
     assert all(r["fd_intact"] == 1.0 for r in rows)
     assert np.isclose(rows[0]["fd_relative_low"], 2.0) and np.isclose(rows[0]["fd_relative_high"], 2.0)
+
+
+def test_tau_never_splits_at_t_zero():
+    rows = [{"t": 0, "gap": 0.02}, {"t": 120, "gap": 0.03}, {"t": 500, "gap": 0.01}]
+    assert loyal.split_at(rows, 0.5) == 120  # t = 0's gap (nothing noised) is not memorization
+    assert loyal.split_at([{"t": 0, "gap": 0.5}, {"t": 120, "gap": 0.0}], 0.5) is None
+
+
+def test_fixed_choice_is_written_without_measuring(project, smoke_params, tiny_model):
+    from lethe.stages.select_loyal import select_loyal
+
+    save_model(tiny_model, project / "models/pretrained")
+    fixed = smoke_params.model_copy(update={"loyal": smoke_params.loyal.model_copy(update={"choose": "fixed", "levels": (0,)})})
+    choice = select_loyal(fixed)  # no data, no baseline: nothing is measured
+    assert choice == {"skips": [[0, 0], [0, 1]], "tau": 500, "tau_from": "fixed", "skips_total": 4}
+    assert json.loads((project / "search/loyal.json").read_text()) == choice

@@ -41,6 +41,11 @@ def chosen(params) -> tuple[list[tuple[int, int]] | None, int]:
     return [tuple(s) for s in choice["skips"]], choice["tau"]
 
 
+def measured_choice(params) -> tuple[str, ...]:
+    """The file train@loyal and train@raunet read: keys their resumable runs."""
+    return (str(LOYAL_CHOICE),) if params.loyal.choose == "measured" else ()
+
+
 def with_raunet(params, model, every_t: bool = False) -> None:
     """The model's U-Net becomes RAU-Net, routed by the chosen tau (every t for train@raunet)."""
     from lethe.models.diffusion_model import add_raunet
@@ -51,4 +56,4 @@ def with_raunet(params, model, every_t: bool = False) -> None:
 
 
 METHOD = TrainingMethod("loyal", "RAU-Net for t >= tau", section="loyal", schema=LoyalConfig, reads=("loyal",),
-                        needs=(str(LOYAL_CHOICE),), prepare_model=with_raunet)
+                        needs=(str(LOYAL_CHOICE),), inputs=measured_choice, prepare_model=with_raunet)

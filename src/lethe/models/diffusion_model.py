@@ -67,11 +67,12 @@ class DiffusionModel(nn.Module):
         return (self.unet.config.in_channels, size, size)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to what the U-Net denoises."""
+        """Images in [-1, 1] to what the U-Net denoises: the VAE's latent mean, as the cached training latents
+        (`data/latents.py`), so that every score computed from it is deterministic."""
         if self.vae is None:
             return images
         with torch.no_grad():
-            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+            return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

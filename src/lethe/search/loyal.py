@@ -66,11 +66,18 @@ def skip_importance(generate_features, skips: list[tuple[int, int]], distances, 
     def fd_of(features):
         return lambda rows: distances.frechet(features.view(n_prompts, per_prompt, -1)[torch.as_tensor(rows)].flatten(0, 1))
 
-    intact = generate_features(None)
+    intact_fd, memo = fd_of(generate_features(None)), {}
+
+    def intact(rows):  # the same half-samples for every skip: the intact model's FD on each, computed once
+        key = np.asarray(rows).tobytes()
+        if key not in memo:
+            memo[key] = intact_fd(rows)
+        return memo[key]
+
     rows = []
     for skip in skips:
-        figures = paired("fd", fd_of(generate_features(skip)), fd_of(intact), n_prompts, bootstrap, method="halves")
-        rows.append({"skip": list(skip), "fd_intact": fd_of(intact)(np.arange(n_prompts)),
+        figures = paired("fd", fd_of(generate_features(skip)), intact, n_prompts, bootstrap, method="halves")
+        rows.append({"skip": list(skip), "fd_intact": intact(np.arange(n_prompts)),
                      "fd_change": figures["vs_baseline/fd/diff"], "fd_relative": figures["vs_baseline/fd"],
                      "fd_relative_low": figures["vs_baseline/fd/ci_low"], "fd_relative_high": figures["vs_baseline/fd/ci_high"]})
     return rows
@@ -96,7 +103,10 @@ def denoise_from(model, train_scheduler, images: torch.Tensor, captions: list[st
     """Each image noised to timestep t (its own seed: its index) and denoised by guided DDIM over the sampler's
     steps at or below t, conditioned on its caption. Images in [-1, 1], on the CPU."""
     scheduler = sampling_scheduler(train_scheduler, steps)
+    if t not in scheduler.timesteps:
+        raise ValueError(f"t = {t} is not one of the sampler's timesteps")
     timesteps = [s for s in scheduler.timesteps if s <= t]
+    model.eval()
     device = model.unet.device
     empty = model.encode_text(model.text_encoder.tokenize([""]))
     out = []
@@ -142,8 +152,10 @@ def memorization_over_t(denoise, featurize, groups: list[Group], timesteps: list
 
 
 def split_at(rows: list[dict], gap_share: float) -> int | None:
-    """The smallest t whose gap reaches `gap_share` of the largest gap; None when no t shows a positive gap."""
-    peak = max(row["gap"] for row in rows)
+    """The smallest t > 0 whose gap reaches `gap_share` of the largest gap; None when no t shows a positive
+    gap. t = 0 (nothing noised) never splits: tau 0 would mean the RAU-Net at every step, train@raunet."""
+    rows = [row for row in rows if row["t"] > 0]
+    peak = max((row["gap"] for row in rows), default=0.0)
     if peak <= 0:
         return None
     return min(row["t"] for row in rows if row["gap"] >= gap_share * peak)

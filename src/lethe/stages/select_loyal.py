@@ -23,6 +23,7 @@ from lethe.errors import LetheError  # noqa: E402
 from lethe.evaluation.metrics import FeatureDistances, criteria, generation_plan, quality_features, replication_features  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json, write_text  # noqa: E402
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
+from lethe.models.raunet import level_skips  # noqa: E402
 from lethe.paths import BASELINE, DATA, LOYAL_CHOICE, LOYAL_METRICS, PRETRAINED, REPORTS  # noqa: E402
 from lethe.sampling import generate  # noqa: E402
 from lethe.search import loyal  # noqa: E402
@@ -33,6 +34,15 @@ OUT = REPORTS / "loyal"
 
 def select_loyal(params: Params) -> dict:
     cfg, sample, evaluate = params.loyal, params.sample, params.evaluate
+    if cfg.choose == "fixed":  # nothing to measure: the choice is the params', written for the report
+        unet = load_model(PRETRAINED).unet
+        choice = {"skips": [list(s) for s in level_skips(unet, cfg.levels)], "tau": cfg.tau, "tau_from": "fixed",
+                  "skips_total": len(loyal.all_skips(unet))}
+        write_text(OUT / "analysis.md", "# LoyalDiffusion\n\nloyal.choose: fixed; nothing measured: every skip of "
+                   f"levels {list(cfg.levels)}, tau = {cfg.tau}.\n")
+        write_json(LOYAL_CHOICE, choice)
+        write_json(LOYAL_METRICS, {"loyal/skips_chosen": float(len(choice["skips"])), "loyal/tau": float(cfg.tau)})
+        return choice
     data = PreparedData.load(DATA)
     groups = data.prompt_groups(evaluate.prompts_per_group)
     if not groups["holdout"]:
@@ -45,6 +55,7 @@ def select_loyal(params: Params) -> dict:
 
     pretrained = load_model(PRETRAINED).to(inference_device())
     scheduler = build_scheduler(pretrained, params.diffusion)
+    skips = loyal.all_skips(pretrained.unet)
     k = evaluate.generations_per_prompt
     prompts, seeds = generation_plan([r.caption for r in groups["holdout"]], k)
 
@@ -54,10 +65,10 @@ def select_loyal(params: Params) -> dict:
             label = "select_loyal: " + ("intact" if skip is None else f"skip {list(skip)} zeroed")
             return featurizer(generate(pretrained, scheduler, prompts, seeds, sample, label=label)).double()
 
-    skips = loyal.all_skips(pretrained.unet)
     importance = loyal.skip_importance(generated_features, skips, distances, len(groups["holdout"]), k, evaluate.bootstrap)
     chosen_skips = loyal.least_essential(importance, cfg.skip_share)
 
+    del pretrained  # one model on the device at a time (Stable Diffusion)
     threshold = criteria(evaluate).sim_threshold
     over_t, tau, tau_from = [], cfg.tau, "loyal.tau: no planted (dup) pictures to measure memorization with"
     if groups["dup"]:  # an image folder without copies has none: said, not invented

@@ -77,9 +77,10 @@ class SpectralShift(nn.Module):
         super().__init__()
         self.shape = weight.shape
         u, sigma, vh = torch.linalg.svd(weight.detach().flatten(1).float(), full_matrices=False)
-        self.register_buffer("u", u)
-        self.register_buffer("sigma", sigma)
-        self.register_buffer("vh", vh)
+        # not persistent: a checkpoint keeps δ; a resumed run takes the SVD again from the same frozen weight
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("sigma", sigma, persistent=False)
+        self.register_buffer("vh", vh, persistent=False)
         self.delta = nn.Parameter(torch.zeros_like(sigma))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # the stored weight is replaced, not used
