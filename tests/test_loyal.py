@@ -166,3 +166,15 @@ def test_fixed_choice_is_written_without_measuring(project, smoke_params, tiny_m
     choice = select_loyal(fixed)  # no data, no baseline: nothing is measured
     assert choice == {"skips": [[0, 0], [0, 1]], "tau": 500, "tau_from": "fixed", "skips_total": 4}
     assert json.loads((project / "search/loyal.json").read_text()) == choice
+
+
+def test_block_none_is_the_unet_itself(tiny_model):
+    """loyal.block: none is the control of LoyalDiffusion's mechanism: the timestep split without blocks."""
+    import copy
+
+    unet = tiny_model.unet
+    x, t, states = unet_inputs(unet)
+    rau = RAUNet(copy.deepcopy(unet), "none", skips=loyal.all_skips(unet))
+    assert not list(rau.blocks["0"].parameters())
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, rau(x, t, encoder_hidden_states=states).sample)

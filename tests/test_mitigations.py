@@ -107,7 +107,7 @@ def test_skip_channels_match_what_the_up_blocks_receive(tiny_model):
     assert seen == skip_channels(tiny_model.unet)
 
 
-@pytest.mark.parametrize("block", ["conv", "conv_silu", "conv_stack", "pool", "drop"])
+@pytest.mark.parametrize("block", ["conv", "conv_silu", "conv_stack", "pool", "drop", "none"])
 def test_every_block_type_keeps_shapes(tiny_model, block):
     rau = RAUNet(tiny_model.unet, block, skips=level_skips(tiny_model.unet, (0,)))
     out = rau(torch.randn(2, 1, 16, 16), 5, encoder_hidden_states=torch.randn(2, 3, tiny_model.unet.config.cross_attention_dim)).sample

@@ -20,7 +20,7 @@ from lethe.paths import LOYAL_CHOICE
 class LoyalConfig(Section):
     """Transfer blocks on chosen skips, and the t from which the RAU-Net denoises."""
 
-    block: Literal["conv", "conv_silu", "conv_stack", "pool", "drop"] = "conv"
+    block: Literal["conv", "conv_silu", "conv_stack", "pool", "drop", "none"] = "conv"  # none: the split alone (a control)
     init: Literal["random", "identity"] = "random"  # identity: the RAU-Net starts as the U-Net
     choose: Literal["measured", "fixed"] = "measured"  # measured: select_loyal's skips and tau; fixed: the two below
     levels: tuple[int, ...] = (0, 1)  # fixed: every skip of these up-block levels (0 = deepest; public: the two deepest)

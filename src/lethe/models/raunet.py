@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-BLOCKS = ("conv", "conv_silu", "conv_stack", "pool", "drop")
+BLOCKS = ("conv", "conv_silu", "conv_stack", "pool", "drop", "none")  # none: the control, skips pass unchanged
 
 
 class TransferBlock(nn.Module):
@@ -38,6 +38,8 @@ class TransferBlock(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":  # LoyalDiffusion's timestep split alone, without blocks: a control
+            return skip
         if self.kind == "drop":
             return torch.zeros_like(skip)
         if self.kind == "pool":  # keep the strongest activation of each 2x2 patch, in place
