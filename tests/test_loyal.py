@@ -48,12 +48,23 @@ def test_dropping_a_skip_is_a_drop_transfer_block_on_that_skip_alone(tiny_model)
                               rau(x, t, encoder_hidden_states=states).sample, atol=1e-6)
 
 
-def test_least_essential_skips_are_those_whose_removal_costs_least_fd():
-    importance = [{"skip": [0, 0], "fd_change": 3.0}, {"skip": [0, 1], "fd_change": -0.5},
-                  {"skip": [1, 0], "fd_change": 0.2}, {"skip": [1, 1], "fd_change": 8.0}]
-    assert loyal.least_essential(importance, 0.5) == [(0, 1), (1, 0)]
-    assert loyal.least_essential(importance, 0.1) == [(0, 1)]  # at least one
-    assert loyal.least_essential(importance, 1.0) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+def test_chosen_skips_cost_least_fd_or_cut_replication_most():
+    importance = [{"skip": [0, 0], "fd_change": 3.0, "replication_change": -0.30},
+                  {"skip": [0, 1], "fd_change": -0.5, "replication_change": 0.0},
+                  {"skip": [1, 0], "fd_change": 0.2, "replication_change": -0.05},
+                  {"skip": [1, 1], "fd_change": 8.0, "replication_change": -0.05}]
+    assert loyal.choose_skips(importance, 0.5) == [(0, 1), (1, 0)]
+    assert loyal.choose_skips(importance, 0.1) == [(0, 1)]  # at least one
+    assert loyal.choose_skips(importance, 1.0) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert loyal.choose_skips(importance, 0.5, by="replication") == [(0, 0), (1, 0)]  # the tie goes to the lower FD
+
+
+def test_replication_sensitivity_is_paired_with_the_intact_baseline():
+    flags = {None: np.array([1, 1, 1, 0, 1, 1]), (0, 0): np.array([0, 0, 1, 0, 1, 1]), (1, 1): np.array([1, 1, 1, 0, 1, 1])}
+    out = loyal.replication_sensitivity(lambda skip: flags[skip], [(0, 0), (1, 1)], n_prompts=3, per_prompt=2, bootstrap=50)
+    assert out[(0, 0)]["replication_intact"] == pytest.approx(5 / 6)
+    assert out[(0, 0)]["replication_change"] == pytest.approx(-2 / 6)  # prompt 0 stopped copying
+    assert out[(1, 1)]["replication_change"] == 0.0 and out[(1, 1)]["replication_change_low"] == 0.0
 
 
 def test_tau_is_the_smallest_t_whose_gap_reaches_the_share_of_the_peak():

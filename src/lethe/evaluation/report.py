@@ -87,7 +87,8 @@ def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize
         cfg = params.loyal
         if cfg.choose == "measured" and loyal:
             skips = ", ".join(f"({a}, {b})" for a, b in loyal["skips"])
-            where = f"the {len(loyal['skips'])} of {loyal['skips_total']} skips least essential for FD: {skips}"
+            why = "least essential for FD" if loyal.get("skips_by", "quality") == "quality" else "cutting replication most"
+            where = f"the {len(loyal['skips'])} of {loyal['skips_total']} skips {why}: {skips}"
             when = f"t ≥ {loyal['tau']} ({'measured' if loyal['tau_from'] == 'measured' else 'loyal.tau'})"
         else:
             where, when = f"every skip of levels {list(cfg.levels)}", f"t ≥ {cfg.tau}"

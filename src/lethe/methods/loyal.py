@@ -26,6 +26,7 @@ class LoyalConfig(Section):
     levels: tuple[int, ...] = (0, 1)  # fixed: every skip of these up-block levels (0 = deepest; public: the two deepest)
     tau: int = Field(500, ge=1)  # fixed: RAU-Net for t >= tau (public: 500); measured: kept when nothing is measured
     skip_share: float = Field(0.5, gt=0, le=1)  # measured: the share of skips given blocks, least essential first
+    skip_by: Literal["quality", "replication"] = "quality"  # measured: least FD cost, or most replication cut
     gap_share: float = Field(0.5, gt=0, le=1)  # measured: tau, the smallest t whose memorization gap reaches this share
     timesteps: int = Field(10, ge=2)  # measured: noise levels of the timestep analysis (from the sampler's schedule)
 

@@ -83,10 +83,31 @@ def skip_importance(generate_features, skips: list[tuple[int, int]], distances, 
     return rows
 
 
-def least_essential(importance: list[dict], share: float) -> list[tuple[int, int]]:
-    """The `share` of the skips (at least one) whose removal raises FD least."""
+def replication_sensitivity(copied_with, skips: list[tuple[int, int]], n_prompts: int, per_prompt: int,
+                            bootstrap: int) -> dict[tuple[int, int], dict]:
+    """Per skip: the change of the baseline's replication rate on the planted prompts when that skip is
+    zeroed, paired over prompts with the intact baseline's (bootstrap interval). `copied_with(skip)` returns
+    each generation's copy flag (None: intact), prompt-major."""
+    from lethe.evaluation.intervals import per_prompt as prompt_means
+
+    intact = prompt_means(copied_with(None), per_prompt)
+    out = {}
+    for skip in skips:
+        figures = paired("rate", mean_of(prompt_means(copied_with(skip), per_prompt)), mean_of(intact), n_prompts, bootstrap)
+        out[skip] = {"replication_intact": float(intact.mean()), "replication_change": figures["vs_baseline/rate/diff"],
+                     "replication_change_low": figures["vs_baseline/rate/diff/ci_low"],
+                     "replication_change_high": figures["vs_baseline/rate/diff/ci_high"]}
+    return out
+
+
+def choose_skips(importance: list[dict], share: float, by: str = "quality") -> list[tuple[int, int]]:
+    """The `share` of the skips (at least one): by `quality`, those whose removal raises FD least; by
+    `replication`, those whose removal lowers the baseline's replication most (then FD least)."""
     count = max(1, round(share * len(importance)))
-    ranked = sorted(importance, key=lambda row: (row["fd_change"], row["skip"]))
+    if by == "quality":
+        ranked = sorted(importance, key=lambda row: (row["fd_change"], row["skip"]))
+    else:
+        ranked = sorted(importance, key=lambda row: (row["replication_change"], row["fd_change"], row["skip"]))
     return sorted(tuple(row["skip"]) for row in ranked[:count])
 
 

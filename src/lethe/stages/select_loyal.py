@@ -20,7 +20,8 @@ from lethe.config import Params  # noqa: E402
 from lethe.data.prepared import PreparedData  # noqa: E402
 from lethe.devices import inference_device  # noqa: E402
 from lethe.errors import LetheError  # noqa: E402
-from lethe.evaluation.metrics import FeatureDistances, criteria, generation_plan, quality_features, replication_features  # noqa: E402
+from lethe.evaluation.metrics import (FeatureDistances, TrainingSet, criteria, generation_plan, quality_features,  # noqa: E402
+                                     replication_features)
 from lethe.files import atomic_dir, content_hash, write_json, write_text  # noqa: E402
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
 from lethe.models.raunet import level_skips  # noqa: E402
@@ -66,13 +67,24 @@ def select_loyal(params: Params) -> dict:
             return featurizer(generate(pretrained, scheduler, prompts, seeds, sample, label=label)).double()
 
     importance = loyal.skip_importance(generated_features, skips, distances, len(groups["holdout"]), k, evaluate.bootstrap)
-    chosen_skips = loyal.least_essential(importance, cfg.skip_share)
 
     del pretrained  # one model on the device at a time (Stable Diffusion)
     threshold = criteria(evaluate).sim_threshold
     over_t, tau, tau_from = [], cfg.tau, "loyal.tau: no planted (dup) pictures to measure memorization with"
     if groups["dup"]:  # an image folder without copies has none: said, not invented
         baseline = load_model(BASELINE).to(inference_device())
+        training = TrainingSet.load(data, evaluate)
+        dup_prompts, dup_seeds = generation_plan([r.caption for r in groups["dup"]], k)
+
+        @torch.no_grad()
+        def copied_with(skip):  # the baseline's planted prompts with one skip zeroed: which generations copy
+            with loyal.dropped(baseline.unet, skip):
+                label = "select_loyal: baseline, " + ("intact" if skip is None else f"skip {list(skip)} zeroed")
+                images = generate(baseline, scheduler, dup_prompts, dup_seeds, sample, label=label)
+            return training.replication(images)["copied"].numpy()
+
+        sensitivity = loyal.replication_sensitivity(copied_with, skips, len(groups["dup"]), k, evaluate.bootstrap)
+        importance = [row | sensitivity[tuple(row["skip"])] for row in importance]
         sets = [loyal.Group(name, data.tensor([r.id for r in groups[name]]), [r.caption for r in groups[name]])
                 for name in ("dup", "holdout")]
         over_t = loyal.memorization_over_t(
@@ -82,8 +94,10 @@ def select_loyal(params: Params) -> dict:
             threshold, evaluate.bootstrap)
         measured = loyal.split_at(over_t, cfg.gap_share)
         tau, tau_from = (measured, "measured") if measured is not None else (tau, "loyal.tau: no t shows a memorization gap")
+    by = cfg.skip_by if groups["dup"] else "quality"  # no planted prompts: no replication to cut
+    chosen_skips = loyal.choose_skips(importance, cfg.skip_share, by)
 
-    choice = {"skips": [list(s) for s in chosen_skips], "tau": tau, "tau_from": tau_from,
+    choice = {"skips": [list(s) for s in chosen_skips], "skips_by": by, "tau": tau, "tau_from": tau_from,
               "skips_total": len(skips), "sim_threshold": threshold}
     metrics = {"loyal/skips_chosen": float(len(chosen_skips)), "loyal/skips_total": float(len(skips)),
                "loyal/tau": float(tau), **({"loyal/gap_peak": max(row["gap"] for row in over_t)} if over_t else {}),
@@ -105,13 +119,19 @@ def select_loyal(params: Params) -> dict:
 def analysis_markdown(importance: list[dict], over_t: list[dict], choice: dict, skip_share: float, gap_share: float) -> str:
     chosen = {tuple(s) for s in choice["skips"]}
     lines = ["# LoyalDiffusion: where the transfer blocks go and from which t", "",
-             f"## Skip importance on the pretrained model (FD intact: {importance[0]['fd_intact']:.2f})", "",
-             "Each skip zeroed alone; FD of the holdout prompts' generations against the intact model's, same prompts and",
-             f"seeds; 95% half-sample interval over prompts. The {skip_share:.0%} least essential get blocks.", "",
-             "| skip (level, index) | FD change | relative [95% interval] | blocked |", "|---|---|---|---|"]
+             f"## Skip importance (the pretrained model's FD intact: {importance[0]['fd_intact']:.2f})", "",
+             "Each skip zeroed alone. FD: the pretrained model's generations for the holdout prompts against its intact",
+             "generations (same prompts and seeds), 95% half-sample interval over prompts. Replication: the baseline's",
+             "generations for the planted prompts, the change of their replication rate, paired bootstrap interval.",
+             f"The {skip_share:.0%} of the skips {'costing least FD' if choice['skips_by'] == 'quality' else 'cutting replication most'}"
+             " get blocks.", "",
+             "| skip (level, index) | FD change | relative [95%] | replication change [95%] | blocked |", "|---|---|---|---|---|"]
     for r in importance:
+        replication = (f"{r['replication_change']:+.3f} [{r['replication_change_low']:+.3f}, {r['replication_change_high']:+.3f}]"
+                       if "replication_change" in r else "–")
         lines.append(f"| {tuple(r['skip'])} | {r['fd_change']:+.2f} | {r['fd_relative']:+.0%} "
-                     f"[{r['fd_relative_low']:+.0%}, {r['fd_relative_high']:+.0%}] | {'yes' if tuple(r['skip']) in chosen else ''} |")
+                     f"[{r['fd_relative_low']:+.0%}, {r['fd_relative_high']:+.0%}] | {replication} | "
+                     f"{'yes' if tuple(r['skip']) in chosen else ''} |")
     lines += ["", "## Memorization over t on the baseline", ""]
     if over_t:
         lines += ["Images noised to t and denoised with their captions; a copy when the features' cosine similarity to",
