@@ -84,7 +84,7 @@ def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | 
         helpers = [subprocess.Popen([sys.executable, "-m", "lethe.cli", "--params", params_path, "memcontrol",
                                      "--join", "--workers", str(workers)]) for _ in range(workers - 1)]
         try:
-            full = reference(inputs, study, run.info.run_id) if params.memcontrol.fd_reference == "full" else None
+            full = reference(inputs, study, run.info.run_id) if params.memcontrol.fd_reference != "best" else None
             ran = work(inputs, study, run.info.run_id)
         finally:
             codes = [helper.wait() for helper in helpers]
