@@ -222,7 +222,7 @@ def test_detection_localization_and_inference_mitigations(repo, reproduced):
 def test_memcontrol_search_trains_and_registers_its_mask(repo, reproduced):
     repo, _ = repo
     chosen = json.loads((repo / "search/memcontrol.json").read_text())
-    assert chosen["family"] == "attention" and chosen["blocks"] and len(chosen["pareto_front"]) in (1, 2)
+    assert chosen["family"] == "lora" and chosen["blocks"] and len(chosen["pareto_front"]) in (1, 2)
     assert (repo / "reports/memcontrol/pareto.png").is_file() and list(repo.glob("search/studies/*.journal"))
     search = json.loads((repo / "metrics/search/memcontrol.json").read_text())
     assert search["memcontrol/trials"] == 2 and 0 < search["memcontrol/chosen/trainable_share"] < 0.5  # projections only

@@ -253,7 +253,7 @@ def test_stage_outputs_and_nested_runs(killed_and_resumed):
     root, _, _ = killed_and_resumed
     chosen = json.loads((root / "search/memcontrol.json").read_text())
     study = _study(root)
-    assert chosen["study"] == study.study_name and chosen["blocks"] and chosen["family"] == "attention"
+    assert chosen["study"] == study.study_name and chosen["blocks"] and chosen["family"] == "lora"
     assert chosen["trial"] in {t["trial"] for t in chosen["pareto_front"]} or chosen["policy"].startswith("no trial")
     assert {t.number for t in study.best_trials} == {t["trial"] for t in chosen["pareto_front"]}
     assert 0 < chosen["trainable_share"] < 0.2 and chosen["reference"]["cost/trainable_share"] == 1.0
