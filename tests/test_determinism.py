@@ -37,6 +37,7 @@ def test_every_training_method_gives_identical_weights_twice(project):
     (project / "search").mkdir()
     (project / "search/memcontrol.json").write_text(json.dumps(  # what the search writes, for one LoRA block
         {"family": "lora", "blocks": blocks[:1], "lr": 1e-3, "lora_rank": 2, "lora_alpha": 2.0}))
+    (project / "search/loyal.json").write_text(json.dumps({"skips": [[0, 1], [1, 0]], "tau": 500}))  # select_loyal's
     for method in METHODS:
         hashes = []
         for run in range(2):
