@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from lethe.diffusion import guide, guided_pass, noised
 from lethe.evaluation.intervals import mean_of, paired, with_interval
+from lethe.evaluation.intervals import per_prompt as prompt_means
 from lethe.models.raunet import skip_channels
 from lethe.progress import progress
-from lethe.sampling import initial_noise, sampling_scheduler
+from lethe.sampling import generate, initial_noise, sampling_scheduler
 
 
 def all_skips(unet) -> list[tuple[int, int]]:
@@ -54,6 +55,15 @@ def dropped(unet, skip: tuple[int, int] | None):
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def generate_without(model, train_scheduler, skip: tuple[int, int] | None, prompts: list[str], seeds: list[int],
+                     cfg, who: str) -> torch.Tensor:
+    """`lethe.sampling.generate` with one skip zeroed (None: intact), its progress labelled by model and skip."""
+    with dropped(model.unet, skip):
+        label = f"select_loyal: {who}, " + ("intact" if skip is None else f"skip {list(skip)} zeroed")
+        return generate(model, train_scheduler, prompts, seeds, cfg, label=label)
 
 
 def skip_importance(generate_features, skips: list[tuple[int, int]], distances, n_prompts: int, per_prompt: int,
@@ -88,8 +98,6 @@ def replication_sensitivity(copied_with, skips: list[tuple[int, int]], n_prompts
     """Per skip: the change of the baseline's replication rate on the planted prompts when that skip is
     zeroed, paired over prompts with the intact baseline's (bootstrap interval). `copied_with(skip)` returns
     each generation's copy flag (None: intact), prompt-major."""
-    from lethe.evaluation.intervals import per_prompt as prompt_means
-
     intact = prompt_means(copied_with(None), per_prompt)
     out = {}
     for skip in skips:

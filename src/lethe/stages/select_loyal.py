@@ -26,7 +26,6 @@ from lethe.files import atomic_dir, content_hash, write_json, write_text  # noqa
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
 from lethe.models.raunet import level_skips  # noqa: E402
 from lethe.paths import BASELINE, DATA, LOYAL_CHOICE, LOYAL_METRICS, PRETRAINED, REPORTS  # noqa: E402
-from lethe.sampling import generate  # noqa: E402
 from lethe.search import loyal  # noqa: E402
 from lethe.tracking import stage_run  # noqa: E402
 
@@ -62,13 +61,11 @@ def select_loyal(params: Params) -> dict:
 
     @torch.no_grad()
     def generated_features(skip):
-        with loyal.dropped(pretrained.unet, skip):
-            label = "select_loyal: " + ("intact" if skip is None else f"skip {list(skip)} zeroed")
-            return featurizer(generate(pretrained, scheduler, prompts, seeds, sample, label=label)).double()
+        return featurizer(loyal.generate_without(pretrained, scheduler, skip, prompts, seeds, sample, "pretrained")).double()
 
     importance = loyal.skip_importance(generated_features, skips, distances, len(groups["holdout"]), k, evaluate.bootstrap)
 
-    del pretrained  # one model on the device at a time (Stable Diffusion)
+    pretrained = None  # one model on the device at a time (Stable Diffusion)
     threshold = criteria(evaluate).sim_threshold
     over_t, tau, tau_from = [], cfg.tau, "loyal.tau: no planted (dup) pictures to measure memorization with"
     if groups["dup"]:  # an image folder without copies has none: said, not invented
@@ -76,11 +73,8 @@ def select_loyal(params: Params) -> dict:
         training = TrainingSet.load(data, evaluate)
         dup_prompts, dup_seeds = generation_plan([r.caption for r in groups["dup"]], k)
 
-        @torch.no_grad()
         def copied_with(skip):  # the baseline's planted prompts with one skip zeroed: which generations copy
-            with loyal.dropped(baseline.unet, skip):
-                label = "select_loyal: baseline, " + ("intact" if skip is None else f"skip {list(skip)} zeroed")
-                images = generate(baseline, scheduler, dup_prompts, dup_seeds, sample, label=label)
+            images = loyal.generate_without(baseline, scheduler, skip, dup_prompts, dup_seeds, sample, "baseline")
             return training.replication(images)["copied"].numpy()
 
         sensitivity = loyal.replication_sensitivity(copied_with, skips, len(groups["dup"]), k, evaluate.bootstrap)
