@@ -173,7 +173,7 @@ def test_wen_filter_leaves_dropped_captions_out_of_its_bank():
 
 
 def test_random_skip_drops_the_followed_share_at_each_step():
-    from lethe.methods.random_skip import RandomSkip
+    from lethe.training.random_skip import RandomSkip
 
     control = RandomSkip([0.0, 0.25, 0.5], seed=3)
     assert [int((~control(step, 8)).sum()) for step in range(4)] == [0, 2, 4, 0]  # past the curve: nothing
@@ -183,7 +183,7 @@ def test_random_skip_drops_the_followed_share_at_each_step():
 
 def test_random_skip_without_the_followed_curve_is_one_line_naming_the_file(tmp_path, monkeypatch):
     from lethe.errors import LetheError
-    from lethe.methods.random_skip import followed_curve
+    from lethe.training.random_skip import followed_curve
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LetheError, match=r"models/wen_filter/skipped_per_step.json.*train@wen_filter"):
@@ -270,6 +270,41 @@ def test_taa_redraws_kept_samples_at_the_threshold_shifted(smoke_params, tiny_da
     module._ready = torch.zeros(4, dtype=torch.bool)  # a range that judges nothing augments nothing
     module.kept_loss(d, keep, batch, tiny_model)
     assert redrawn == []
+
+
+def test_the_ensembles_control_skips_the_followed_share_blindly_while_the_banks_follow(smoke_params, tiny_data,
+                                                                                       tiny_model):
+    """random_skip_ietagc: IET-AGC's proxies with the blind choice in place of anti-gradient control's."""
+    from torch.utils.data import default_collate
+
+    from lethe.training.random_skip import RandomSkip
+
+    records = tiny_data.training_records("target")[:4]
+    cfg = smoke_params.finetune.model_copy(update={"batch_size": 4})
+    blind = RandomSkip([0.5], seed=0)
+    module = ProxyEnsemble(tiny_model, build_scheduler(tiny_model, smoke_params.diffusion), cfg,
+                           assignment=assign_shards(4, 1, seed=0), local_steps=2, agc_lambda=1e-6, keep=blind)
+    module.current_step = 0
+    dataset = CaptionedImages(tiny_data, records, tiny_model.text_encoder.tokenize)
+    batch = default_collate([dataset[i] for i in range(4)])
+    d = module.denoise(batch)
+    keep = module.select(d, batch, tiny_model)
+    assert torch.equal(keep, blind(0, 4)) and int(keep.sum()) == 2  # lambda ~ 0 would skip every sample
+    assert module.agc[0].bank.seen.sum() == 4  # the bank took the batch in all the same
+    assert module.skips.sum() == 2  # IET-AGC+'s redistribution counts the blind skips
+
+
+def test_a_control_is_declared_against_its_method_and_reads_what_its_structure_reads(smoke_params):
+    from lethe.methods import TRAINING
+
+    for name, method, reads in (("random_skip_ietagc", "ietagc", ("ietagc",)),
+                                ("random_skip_ietagc_plus", "ietagc_plus", ("ietagc", "ietagc_plus")),
+                                ("random_skip_memattn_filter", "memattn_filter", ()),
+                                ("iet", "ietagc", ("ietagc",)), ("random_skip", "wen_filter", ("random_skip",))):
+        declared = TRAINING[name]
+        assert declared.controls(smoke_params) == method and declared.reads == reads, name
+    assert TRAINING["random_skip_ietagc"].inputs(smoke_params) == ("data/shards.json",
+                                                                    "models/ietagc/skipped_per_step.json")
 
 
 def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from lethe.config import Params
-from lethe.evaluation.report import markdown_table, mechanism
+from lethe.evaluation.report import against_controls, controls_section, markdown_table, mechanism
 
 
 def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
@@ -21,14 +22,17 @@ def test_each_row_says_what_its_mechanism_did():
     params = Params()
     train = {"baseline": {"cost/trainable_params": 1_000_000.0, "train/skipped_share_mean": 0.0},
              "wen_filter": {"train/skipped_share_mean": 0.1234}, "random_skip": {"train/skipped_share_mean": 0.1234},
-             "memcontrol": {"cost/trainable_params": 12_500.0}}
+             "random_skip_ietagc": {"train/skipped_share_mean": 0.05}, "memcontrol": {"cost/trainable_params": 12_500.0}}
+    controls = {"random_skip": "wen_filter", "random_skip_ietagc": "ietagc", "iet": "ietagc"}
     localized = {"nemo/union_neurons": 31.0, "nemo/localized_prompts": 5.0, "nemo/memorized_prompts": 7.0}
     mask = {"family": "attention", "blocks": ["a", "b"]}
-    said = {v: mechanism(v, params, train, localized, mask)
-            for v in ("baseline", "wen_filter", "random_skip", "memcontrol", "nemo", "memattn", "loyal")}
+    said = {v: mechanism(v, params, train, localized, mask, controls=controls)
+            for v in ("baseline", "wen_filter", "random_skip", "random_skip_ietagc", "memcontrol", "nemo", "memattn",
+                      "loyal")}
     assert said["baseline"] == "–"
     assert said["wen_filter"] == "skipped 12.3% of samples"
     assert said["random_skip"] == "skipped 12.3% of samples, at random: wen_filter's share at each step"
+    assert said["random_skip_ietagc"] == "skipped 5.0% of samples, at random: ietagc's share at each step"
     assert said["memcontrol"] == "trains 1.25% of parameters, attention on 2 blocks"
     assert said["nemo"] == "31 to_v neurons pruned, from 5 of 7 prompts localized"
     assert said["memattn"] == "begin-token logit x1.25, padding masked, every step"
@@ -49,3 +53,20 @@ def test_a_variant_without_metrics_is_one_line_and_exit_2(project, capsys, stage
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics/loyal.json" in err and "evaluate@loyal" in err
     assert not (project / "reports").exists()  # nothing half-written
+
+
+def test_each_method_is_paired_with_its_control_on_the_same_prompts():
+    """4 dup prompts x 2 generations: the method copies 1 of 8, its control 5 of 8, prompt by prompt."""
+    prompts = np.repeat(["a", "b", "c", "d"], 2)
+
+    def dup(copied):
+        return {"dup": {"prompts": prompts, "copied": np.array(copied, dtype=bool), "diversity": np.zeros(4)}}
+
+    outcomes = {"wen_filter": dup([1, 0, 0, 0, 0, 0, 0, 0]), "random_skip": dup([1, 1, 1, 1, 1, 0, 0, 0]),
+                "other": {"dup": {**dup([0] * 8)["dup"], "prompts": np.repeat(["a", "b", "c", "e"], 2)}}}
+    [row] = against_controls([("wen_filter", "random_skip"), ("other", "random_skip")], outcomes, resamples=200)
+    assert (row["method_rate"], row["control_rate"], row["diff"]) == (0.125, 0.625, -0.5)  # other prompts: left out
+    # per prompt the differences are -0.5, -1, -0.5, 0: no draw is above 0, and only all-d draws reach it
+    assert -1.0 <= row["low"] < row["high"] < 0.0 and row["significant"] == -1.0
+    section = controls_section([row])
+    assert f"| wen_filter | random_skip | 0.125 | 0.625 | -0.500 [{row['low']:+.3f}, {row['high']:+.3f}] * |" in section

@@ -27,7 +27,8 @@ class TrainingMethod:
 
     - `prepare_model(params, model)`: change the model before training (LoyalDiffusion's RAU-Net);
     - `caption_noise(params, captions)`: a function that rewrites a caption each time it is drawn;
-    - `training(params, model, scheduler, samples)`: the LightningModule (default: plain fine-tuning).
+    - `training(params, model, scheduler, samples)`: the LightningModule (default: plain fine-tuning);
+    - `controls(params)`: for a control or an ablation, the method it is compared with in the report.
     """
 
     name: str
@@ -41,6 +42,7 @@ class TrainingMethod:
     prepare_model: Callable[[Any, Any], None] | None = None
     caption_noise: Callable[[Any, list[str]], Callable[[str], str] | None] | None = None
     training: Callable[[Any, Any, Any, int], Any] | None = None
+    controls: Callable[[Any], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,24 @@ def fingerprint(paths: list[Path]) -> str:
             stat = file.stat()
             digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def save_outcomes(path: str | Path, outcomes: dict[str, dict]) -> None:
+    """A variant's per-generation outcomes, by group (evaluation.figures), as one .npz, written atomically."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **{f"{group}/{name}": v for group, o in outcomes.items() for name, v in o.items()})
+    os.replace(tmp, path)
+
+
+def load_outcomes(path: str | Path) -> dict[str, dict]:
+    import numpy as np
+
+    out: dict[str, dict] = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            group, name = key.split("/", 1)
+            out.setdefault(group, {})[name] = archive[key]
+    return out

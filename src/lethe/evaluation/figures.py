@@ -67,15 +67,3 @@ def paired_figures(group: str, stats: dict[str, Statistic], baseline: dict[str, 
             out |= paired(f"{name}/{group}", stats[name], baseline[name], n_prompts, resamples, method(name))
     return out
 
-
-def save_outcomes(path, outcomes: dict[str, dict[str, np.ndarray]]) -> None:
-    np.savez_compressed(path, **{f"{group}/{name}": v for group, o in outcomes.items() for name, v in o.items()})
-
-
-def load_outcomes(path) -> dict[str, dict[str, np.ndarray]]:
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as archive:
-        for key in archive.files:
-            group, name = key.split("/", 1)
-            out.setdefault(group, {})[name] = archive[key]
-    return out

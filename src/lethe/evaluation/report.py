@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lethe.evaluation.intervals import HIGH, LOW  # noqa: E402
+from lethe.evaluation.intervals import HIGH, LOW, change_key, mean_of, paired, per_prompt  # noqa: E402
 from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
@@ -68,10 +69,10 @@ def _cell(value, key: str = "", values: dict[str, float] | None = None) -> str:
 
 
 def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize: dict[str, float],
-              mask: dict | None, loyal: dict | None = None) -> str:
+              mask: dict | None, loyal: dict | None = None, controls: dict[str, str] | None = None) -> str:
     """What the variant's mechanism did, in words: what a reader checks before believing its row.
     `train`: each variant's metrics/train/<variant>.json; `localize`: NeMo's; `mask`: MemControl's choice;
-    `loyal`: select_loyal's choice of skips and tau."""
+    `loyal`: select_loyal's choice of skips and tau; `controls`: each control's method."""
     own = train.get(variant, {})
     key = "train/skipped_share_mean"
     skipped = f"skipped {own[key]:.1%} of samples" if key in own else None
@@ -80,8 +81,8 @@ def mechanism(variant: str, params, train: dict[str, dict[str, float]], localize
         return skipped or "–"
     if variant == "iet":
         return f"{params.ietagc.shards} proxies on shards, averaged every round; skips nothing"
-    if variant == "random_skip":
-        follows = params.random_skip.follows
+    follows = (controls or {}).get(variant)
+    if variant.startswith("random_skip"):
         return f"{skipped}, at random: {follows}'s share at each step" if follows and skipped else (skipped or "–")
     if variant in ("loyal", "raunet"):
         cfg = params.loyal
@@ -116,6 +117,44 @@ def markdown_table(metrics: dict[str, dict[str, float]], mechanisms: dict[str, s
         lines.append(f"| {variant} | {mechanisms.get(variant, '–')} | "
                      + " | ".join(_cell(values.get(key), key, values) for _, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def against_controls(pairs: list[tuple[str, str]], outcomes: dict[str, dict], resamples: int) -> list[dict]:
+    """Each method against its control, paired on the same prompts and seeds: the dup prompts'
+    replication rate of both and the difference method − control, bootstrapped over prompts.
+    `pairs`: (method, control); `outcomes`: each variant's per-generation outcomes (load_outcomes)."""
+    rows = []
+    for method, control in pairs:
+        ours, theirs = outcomes[method].get("dup"), outcomes[control].get("dup")
+        if ours is None or theirs is None or ours["prompts"].tolist() != theirs["prompts"].tolist():
+            continue
+        n_prompts = len(ours["diversity"])
+        k = len(ours["copied"]) // n_prompts
+        rate = {v: mean_of(per_prompt(o["copied"], k)) for v, o in ((method, ours), (control, theirs))}
+        change = paired("x", rate[method], rate[control], n_prompts, resamples)
+        diff = change_key("x") + "/diff"
+        rows.append({"method": method, "control": control, "method_rate": rate[method](np.arange(n_prompts)),
+                     "control_rate": rate[control](np.arange(n_prompts)), "diff": change[diff],
+                     "low": change[f"{diff}/{LOW}"], "high": change[f"{diff}/{HIGH}"],
+                     "significant": change[change_key("x") + "/significant"]})
+    return rows
+
+
+def controls_section(rows: list[dict]) -> str:
+    """What each mechanism buys beyond its control: the paired difference of the dup replication rate."""
+    if not rows:
+        return ""
+    lines = ["## Each mechanism against its control\n",
+             "Dup prompts' replication rate of a method and of its control (the same share of samples skipped at "
+             "random, or the method without its mechanism), paired on the same prompts and seeds; * marks a "
+             "difference whose interval excludes 0. Inside the noise, the mechanism buys nothing measurable "
+             "beyond what its control does.\n",
+             "| method | control | method's rate | control's rate | method − control |", "|---|---|---|---|---|"]
+    for r in rows:
+        star = " *" if r["significant"] else ""
+        lines.append(f"| {r['method']} | {r['control']} | {r['method_rate']:.3f} | {r['control_rate']:.3f} | "
+                     f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]{star} |")
+    return "\n".join(lines) + "\n\n"
 
 
 LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompts (a prompt's generations drawn "

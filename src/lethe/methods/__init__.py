@@ -10,7 +10,7 @@ from lethe.declarations import InferenceMitigation, TrainingMethod
 from lethe.errors import LetheError
 from lethe.methods import (
     baseline, iet, ietagc, ietagc_plus, loyal, memattn, memattn_filter, memcontrol, nemo, random_caption, random_skip,
-    raunet, wen_filter, wen_inference,
+    random_skip_ietagc, random_skip_ietagc_plus, random_skip_memattn_filter, raunet, wen_filter, wen_inference,
 )
 
 # fine-tuning methods, each a `train@<name>` stage
@@ -26,6 +26,9 @@ TRAINING: dict[str, TrainingMethod] = {m.name: m for m in (
     memattn_filter.METHOD,
     memcontrol.METHOD,
     random_skip.METHOD,
+    random_skip_ietagc.METHOD,
+    random_skip_ietagc_plus.METHOD,
+    random_skip_memattn_filter.METHOD,
 )}
 
 # the baseline with an inference-time mitigation: `mitigate@<name>`, or `localize` for NeMo's pruning

@@ -13,4 +13,5 @@ from lethe.paths import SHARDS
 METHOD = TrainingMethod(
     "iet", "IET-AGC without anti-gradient control (ablation)", reads=("ietagc",), needs=(str(SHARDS),),
     training=lambda params, model, scheduler, samples: proxy_ensemble(params, model, scheduler, samples, agc=False),
+    controls=lambda params: "ietagc",
 )

@@ -20,9 +20,10 @@ class IetConfig(Section):
     seed: int = 0
 
 
-def proxy_ensemble(params, model, scheduler, samples: int, plus=None, agc: bool = True):
+def proxy_ensemble(params, model, scheduler, samples: int, plus=None, agc: bool = True, keep=None):
     """The ensemble's LightningModule; `plus` (IET-AGC+'s section) adds redistribution and augmentation;
-    `agc=False` keeps every sample (the `iet` ablation)."""
+    `agc=False` keeps every sample (the `iet` ablation); `keep` replaces anti-gradient control's choice
+    with a blind one (the random-skip controls)."""
     from lethe.data.shards import load_shards
     from lethe.training.ensemble import ProxyEnsemble
 
@@ -30,7 +31,7 @@ def proxy_ensemble(params, model, scheduler, samples: int, plus=None, agc: bool 
     return ProxyEnsemble(
         model, scheduler, params.finetune, assignment=load_shards(SHARDS, samples), local_steps=iet.local_steps,
         agc_lambda=iet.agc_lambda, bank_momentum=iet.bank_momentum, bank_bins=iet.timestep_bins,
-        bank_min_samples=iet.min_samples, agc=agc,
+        bank_min_samples=iet.min_samples, agc=agc, keep=keep,
         msr_share=plus.msr_share if plus else None, taa_max_shift=plus.taa_max_shift if plus else 0,
     )
 

@@ -19,10 +19,10 @@ from lethe.devices import inference_device
 from lethe.errors import LetheError
 from lethe.evaluation.clip_score import load_clip_score
 from lethe.evaluation.featurizer import prompt_correct
-from lethe.evaluation.figures import group_figures, load_outcomes, paired_figures, save_outcomes, statistics
+from lethe.evaluation.figures import group_figures, paired_figures, statistics
 from lethe.evaluation.gallery import save_gallery
 from lethe.evaluation.metrics import FeatureDistances, TrainingSet, generation_plan, prompt_diversity, quality_features
-from lethe.files import atomic_dir, content_hash, write_json
+from lethe.files import atomic_dir, content_hash, load_outcomes, save_outcomes, write_json
 from lethe.models.diffusion_model import build_scheduler, load_model
 from lethe.paths import DATA, REPORTS, model_dir, outcomes_file, train_metrics_file, variant_metrics_file
 from lethe.sampling import generate, save_grid

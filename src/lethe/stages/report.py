@@ -12,11 +12,12 @@ import mlflow
 import json
 
 from lethe.evaluation.report import (
-    LEGEND, data_section, detection_section, html_page, markdown_table, mechanism, tradeoff_png, tradeoff_points,
+    LEGEND, against_controls, controls_section, data_section, detection_section, html_page, markdown_table, mechanism,
+    tradeoff_png, tradeoff_points,
 )
-from lethe.files import variant_metrics, write_json, write_text
-from lethe.methods import VARIANTS
-from lethe.paths import CHOSEN_MASK, LOCALIZE_METRICS, LOYAL_CHOICE, PLOTS, REPORTS, train_metrics_file
+from lethe.files import load_outcomes, variant_metrics, write_json, write_text
+from lethe.methods import TRAINING, VARIANTS
+from lethe.paths import CHOSEN_MASK, LOCALIZE_METRICS, LOYAL_CHOICE, PLOTS, REPORTS, outcomes_file, train_metrics_file
 from lethe.registry import choose_champion
 from lethe.search.summary import memcontrol_section
 from lethe.tracking import stage_run
@@ -26,10 +27,16 @@ def report(params) -> str:
     """Write the report; returns its table (markdown)."""
     metrics = variant_metrics(VARIANTS)
     points = tradeoff_points(metrics)
-    sections = detection_section() + memcontrol_section(metrics) + data_section()
+    # each control or ablation beside the method it controls, where both were evaluated
+    controls = {name: m.controls(params) for name, m in TRAINING.items() if m.controls and m.controls(params)}
+    pairs = [(method, control) for control, method in controls.items()
+             if {method, control} <= set(metrics) and outcomes_file(method).exists() and outcomes_file(control).exists()]
+    outcomes = {v: load_outcomes(outcomes_file(v)) for pair in pairs for v in pair}
+    sections = (controls_section(against_controls(pairs, outcomes, params.evaluate.bootstrap)) + detection_section()
+                + memcontrol_section(metrics) + data_section())
     train = {v: _json(train_metrics_file(v)) for v in ("baseline", *metrics)}
     localized, mask, loyal = _json(LOCALIZE_METRICS), _json(CHOSEN_MASK), _json(LOYAL_CHOICE)
-    mechanisms = {v: mechanism(v, params, train, localized, mask, loyal) for v in metrics}
+    mechanisms = {v: mechanism(v, params, train, localized, mask, loyal, controls) for v in metrics}
     write_text(REPORTS / "report.md", "# lethe: variants compared\n\n" + markdown_table(metrics, mechanisms) + "\n"
                + LEGEND + "\n" + sections)
     champion, policy = choose_champion(metrics, "baseline", params.registry) if "baseline" in metrics else (None, {})

@@ -79,11 +79,13 @@ def _proxy_copy(model: DiffusionModel) -> DiffusionModel:
 class ProxyEnsemble(DiffusionTraining):
     def __init__(self, model, noise_scheduler, cfg, *, assignment: np.ndarray, local_steps: int, agc_lambda: float,
                  bank_momentum: float = 0.8, bank_bins: int = 10, bank_min_samples: int = 32,
-                 msr_share: float | None = None, taa_max_shift: int = 0, agc: bool = True):
-        super().__init__(model, noise_scheduler, cfg)
+                 msr_share: float | None = None, taa_max_shift: int = 0, agc: bool = True, keep=None):
+        super().__init__(model, noise_scheduler, cfg, keep=keep)
         self.shards = int(assignment.max()) + 1
         self.local_steps, self.msr_share, self.taa_max_shift = local_steps, msr_share, taa_max_shift
         self.use_agc = agc  # False: every sample kept (the ablation); the banks still follow the losses
+        # `keep` (the random-skip control): a blind choice replaces the banks'; they still follow the losses,
+        # so IET-AGC+'s augmentation and redistribution work as in the method controlled
         self.proxies = nn.ModuleList([model] + [_proxy_copy(model) for _ in range(self.shards - 1)])
         timesteps = noise_scheduler.config.num_train_timesteps
         self.agc = nn.ModuleList(AntiGradientControl(timesteps, agc_lambda, bank_momentum, bank_bins, bank_min_samples)
@@ -105,7 +107,9 @@ class ProxyEnsemble(DiffusionTraining):
         agc = self.agc[self.proxy_index(self.current_step)]
         self._ready = agc.bank.ready(d.t)  # before the bank takes this batch in
         keep, self._threshold = agc(d.losses, d.t)
-        if not self.use_agc:
+        if self.keep is not None:  # the random-skip control: as many skipped, chosen blindly
+            keep = super().select(d, batch, model)
+        elif not self.use_agc:
             keep = torch.ones_like(keep)
         self.skips[batch["index"][~keep]] += 1
         self.round_seen += len(keep)
