@@ -51,5 +51,9 @@ def test_every_training_method_gives_identical_weights_twice(project):
     assert len(wen) == 4 and control == pytest.approx(wen)  # shares of a batch of 8: k/8, copied exactly
     metrics = json.loads((project / "metrics/train/random_skip.json").read_text())
     assert metrics["train/skipped_share_mean"] == pytest.approx(sum(wen) / 4)
+    for method in ("ietagc", "ietagc_plus", "memattn_filter"):  # each one's own control follows its curve
+        followed = json.loads((project / f"models/{method}/skipped_per_step.json").read_text())
+        blind = json.loads((project / f"models/random_skip_{method}/skipped_per_step.json").read_text())
+        assert blind == pytest.approx(followed), method
     for plain in ("baseline", "iet"):  # iet: IET-AGC's ensemble with anti-gradient control off
         assert json.loads((project / f"models/{plain}/skipped_per_step.json").read_text()) == [0.0] * 4, plain

@@ -45,8 +45,11 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reproduced(repo):
+    """The whole pipeline, run by `lethe repro` two stages at a time: DVC's own graph, `stage.changed()` and
+    `dvc commit` (test_repro.py), and half the wall time of `dvc repro`, whose every stage pays the import
+    floor. `test_second_repro_does_nothing` then checks with `dvc repro` itself that dvc.lock is complete."""
     repo, env = repo
-    return sh("dvc", "repro", cwd=repo, env=env)
+    return sh("lethe", "repro", "--jobs", "2", cwd=repo, env=env)
 
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):

@@ -161,6 +161,6 @@ def test_dvc_yaml_names_the_paths_the_code_shares():
     text = (ROOT / "dvc.yaml").read_text()
     shared = {name: value for name, value in vars(paths).items() if isinstance(value, PurePath)}
     outside = {name for name, value in shared.items() if value.parts[0] == ".lethe"}
-    assert outside == {"CHECKPOINTS", "LATENTS", "AUDIT_CACHE", "REPRO_CORES"}
+    assert outside == {"CHECKPOINTS", "LATENTS", "FEATURES", "AUDIT_CACHE", "REPRO_CORES"}
     missing = [f"{name} = {value}" for name, value in shared.items() if name not in outside and str(value) not in text]
     assert not missing, f"dvc.yaml does not name {missing}"

@@ -97,3 +97,26 @@ def test_every_evaluation_generation_has_its_own_seed():
     assert prompts == ["a one"] * 4 + ["a two"] * 4 + ["a three"] * 4
     assert len(set(seeds)) == 12  # shared seeds made a prompt-blind model's FD 150 instead of 26
     assert generation_plan(["a one", "a two"], 4)[1] == seeds[:8]  # a prompt keeps its seeds as the group grows
+
+
+def test_the_training_sets_features_are_computed_once_per_images_and_extractor(tmp_path, tiny_data, smoke_params):
+    """Every evaluate, detect and calibrate stage reads the same features: the second load computes none,
+    and other images or another extractor get their own file."""
+    from lethe.evaluation import metrics
+
+    cfg = smoke_params.evaluate.model_copy(update={"features": "pixels", "thresholds": "fixed"})
+    first = metrics.TrainingSet.load(tiny_data, cfg, cache=tmp_path)
+    (file,) = tmp_path.glob("*.safetensors")
+    calls = []
+    original = metrics.replication_features
+    metrics.replication_features = lambda c: (lambda x: calls.append(len(x)) or original(c)(x))
+    try:
+        again = metrics.TrainingSet.load(tiny_data, cfg, cache=tmp_path)
+        assert calls == [] and torch.equal(again.features, first.features)
+        assert torch.equal(first.features, first.pixels.flatten(1).float())
+        fewer = torch.zeros(3, *first.pixels.shape[1:])
+        assert metrics.features_key(fewer, cfg) != file.stem[:20]
+        other = cfg.model_copy(update={"features": "featurizer"})
+        assert metrics.features_key(first.pixels, other) != metrics.features_key(first.pixels, cfg)
+    finally:
+        metrics.replication_features = original

@@ -129,3 +129,21 @@ def test_an_interrupted_repro_stops_its_stages(repo):
     process.wait(timeout=90)  # 30 s was once too short beside a busy xdist worker (the exit, not the kill)
     left = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True, check=False).stdout.split()
     assert not left  # the stage's sleep was stopped with lethe repro
+
+
+def test_the_cores_shared_out_are_capped_by_omp_num_threads(monkeypatch):
+    """Under a test worker (OMP_NUM_THREADS=1) two stages side by side get one thread in all, not one each
+    of the machine's cores beside the other worker."""
+    import os
+
+    from lethe.repro import available_cores
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert available_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "32")
+    assert available_cores() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert available_cores() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    assert available_cores() == 8

@@ -28,6 +28,7 @@ REPORTS = Path("reports")
 PLOTS = Path("plots")
 CHECKPOINTS = Path(".lethe/checkpoints")  # resumable training, outside DVC's outputs
 LATENTS = Path(".lethe/latents")  # VAE latents cached per dataset and VAE
+FEATURES = Path(".lethe/features")  # the training set's replication features, per images and feature extractor
 
 
 def model_dir(variant: str) -> Path:

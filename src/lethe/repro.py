@@ -8,7 +8,7 @@ cores / jobs threads. DVC decides everything else as it would: a stage runs only
 its outputs are removed first, and after it succeeds `dvc commit` records it in dvc.lock and the cache.
 Afterwards `dvc status` is clean and `dvc repro` has nothing to do.
 
-The cores are shared out as the stages come and go: `.lethe/repro/cores` holds cores / running stages,
+The cores (the CPU count, capped by OMP_NUM_THREADS when set) are shared out as the stages come and go: `.lethe/repro/cores` holds cores / running stages,
 and each stage's long loops follow it (`lethe.progress`), so the pretraining that runs alone for most of
 its time takes both cores instead of the one it started with beside the featurizer.
 
@@ -87,6 +87,16 @@ def _relay(address: str, process: subprocess.Popen, out) -> None:
         out.flush()
 
 
+def available_cores() -> int:
+    """The cores to share out: the CPU count, or fewer where OMP_NUM_THREADS caps the threads (a test
+    worker beside another, a shared machine)."""
+    cores = os.cpu_count() or 1
+    try:
+        return max(1, min(cores, int(os.environ.get("OMP_NUM_THREADS") or cores)))
+    except ValueError:
+        return cores
+
+
 def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
     """Reproduce `targets` (every stage when empty) with up to `jobs` stages at a time; the exit code."""
     from dvc.repo import Repo
@@ -95,7 +105,7 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
     with Repo() as repo:
         order, upstream = _plan(repo, targets)
         cores_file = Path(repo.root_dir) / REPRO_CORES
-    cores = os.cpu_count() or 1
+    cores = available_cores()
 
     def share(stages: int) -> str:  # each running stage's threads, written where the stages read it
         threads = str(max(1, cores // max(1, stages)))

@@ -3,21 +3,20 @@
 Training on a Stable Diffusion checkpoint would otherwise run the VAE encoder on every batch. Each
 prepared image is encoded once, as the *mean* of the VAE's latent distribution times the VAE's scaling
 factor: deterministic, and a cached seeded sample would fix one draw of the posterior's noise per image
-just the same, so it would not restore the per-step resampling of an uncached run. The cache is a safetensors file under
-`.lethe/latents/`, outside DVC's outputs, named by the hash of the prepared data and of the VAE's
-files, so a changed dataset or VAE never reuses stale latents and every stage on the same data
-(pretrain, each train@method) shares one encoding. Delete the folder to reclaim the space.
+just the same, so it would not restore the per-step resampling of an uncached run. The cache (`lethe.cache`) is a safetensors file under
+`.lethe/latents/`, named by the hash of the prepared data and of the VAE's files, so a changed dataset or
+VAE never reuses stale latents and every stage on the same data (pretrain, each train@method) shares one
+encoding.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from lethe.cache import cached_tensor
 from lethe.data.prepared import PreparedData
 from lethe.files import content_hash
 from lethe.models.diffusion_model import DiffusionModel
@@ -28,7 +27,7 @@ CACHE = LATENTS
 
 def latents_key(model: DiffusionModel, data_hash: str) -> str:
     vae_hash = content_hash(Path(model.spec.model["pretrained_path"]) / "vae")
-    return hashlib.sha256(f"{data_hash}:{vae_hash}:mean".encode()).hexdigest()[:20]
+    return hashlib.sha256(f"{data_hash}:{vae_hash}:mean:tensor".encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
@@ -47,12 +46,5 @@ def encode_dataset(model: DiffusionModel, data: PreparedData, device: torch.devi
 def cached_latents(model: DiffusionModel, data: PreparedData, data_hash: str, device: torch.device,
                    cache: Path = CACHE) -> torch.Tensor:
     """The dataset's latents from the cache, encoding (and caching) them first if they are not there."""
-    file = cache / f"{latents_key(model, data_hash)}.safetensors"
-    if file.exists():
-        return load_file(file)["latents"]
-    latents = encode_dataset(model, data, device)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")  # several ranks may encode at once: last rename wins
-    save_file({"latents": latents.contiguous()}, tmp)
-    tmp.replace(file)
-    return latents
+    return cached_tensor(cache / f"{latents_key(model, data_hash)}.safetensors",
+                         lambda: encode_dataset(model, data, device))

@@ -11,13 +11,16 @@ and torch._dynamo (about 5 s), which the stages that only score replication (cal
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from lethe.cache import cached_tensor
 from lethe.config import EvaluateConfig
 from lethe.data.prepared import PreparedData
 from lethe.devices import inference_device
@@ -25,7 +28,8 @@ from lethe.errors import LetheError
 from lethe.evaluation.featurizer import Featurizer, has_featurizer, load_featurizer
 from lethe.memorization.features import load_features
 from lethe.memorization.replication import Criteria, replication_scores
-from lethe.paths import CALIBRATION, FEATURIZER
+from lethe.files import content_hash, fingerprint
+from lethe.paths import CALIBRATION, FEATURES, FEATURIZER
 
 
 def criteria(cfg: EvaluateConfig, calibrated: bool = True) -> Criteria:
@@ -149,13 +153,26 @@ class TrainingSet:
     criteria: Criteria
 
     @classmethod
-    def load(cls, data: PreparedData, cfg: EvaluateConfig, calibrated: bool = True) -> "TrainingSet":
+    def load(cls, data: PreparedData, cfg: EvaluateConfig, calibrated: bool = True, cache: Path = FEATURES) -> "TrainingSet":
+        """The training images and their features, computed once for every evaluate, detect, calibrate and
+        select_loyal stage on the same images and feature extractor (`lethe.cache`)."""
         featurize = replication_features(cfg)
         pixels = data.tensor([r.id for r in data.records if r.split in ("pretrain", "target")])
-        return cls(pixels, featurize(pixels), featurize, criteria(cfg, calibrated))
+        file = cache / f"{features_key(pixels, cfg)}.safetensors"
+        return cls(pixels, cached_tensor(file, lambda: featurize(pixels)), featurize, criteria(cfg, calibrated))
 
     def replication(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return replication_scores(self.featurize(images), self.features, images, self.pixels, self.criteria)
+
+
+def features_key(pixels: torch.Tensor, cfg: EvaluateConfig) -> str:
+    """What the training set's features depend on: the images, the extractor's kind and weights (hashed;
+    a large checkpoint by size and modification time), and the device type they run on."""
+    weights = (content_hash(FEATURIZER) if cfg.features == "featurizer" and FEATURIZER.exists()
+               else fingerprint([Path(cfg.features_path)]) if cfg.features_path else "")
+    digest = hashlib.md5(pixels.contiguous().numpy().tobytes())
+    digest.update(f"{cfg.features}:{cfg.open_clip_model}:{weights}:{inference_device().type}".encode())
+    return digest.hexdigest()[:20]
 
 
 def replication_features(cfg: EvaluateConfig) -> Callable[[torch.Tensor], torch.Tensor]:
