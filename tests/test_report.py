@@ -64,9 +64,11 @@ def test_each_method_is_paired_with_its_control_on_the_same_prompts():
 
     outcomes = {"wen_filter": dup([1, 0, 0, 0, 0, 0, 0, 0]), "random_skip": dup([1, 1, 1, 1, 1, 0, 0, 0]),
                 "other": {"dup": {**dup([0] * 8)["dup"], "prompts": np.repeat(["a", "b", "c", "e"], 2)}}}
-    [row] = against_controls([("wen_filter", "random_skip"), ("other", "random_skip")], outcomes, resamples=200)
-    assert (row["method_rate"], row["control_rate"], row["diff"]) == (0.125, 0.625, -0.5)  # other prompts: left out
+    row, unpaired = against_controls([("wen_filter", "random_skip"), ("other", "random_skip")], outcomes, resamples=200)
+    assert (row["method_rate"], row["control_rate"], row["diff"]) == (0.125, 0.625, -0.5)
+    assert unpaired == {"method": "other", "control": "random_skip", "unpaired": True}  # other prompts: not paired
     # per prompt the differences are -0.5, -1, -0.5, 0: no draw is above 0, and only all-d draws reach it
     assert -1.0 <= row["low"] < row["high"] < 0.0 and row["significant"] == -1.0
-    section = controls_section([row])
+    section = controls_section([row, unpaired])
+    assert "| other | random_skip | – | – | not paired: no dup prompts in common |" in section
     assert f"| wen_filter | random_skip | 0.125 | 0.625 | -0.500 [{row['low']:+.3f}, {row['high']:+.3f}] * |" in section

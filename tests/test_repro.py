@@ -132,8 +132,8 @@ def test_an_interrupted_repro_stops_its_stages(repo):
 
 
 def test_the_cores_shared_out_are_capped_by_omp_num_threads(monkeypatch):
-    """Under a test worker (OMP_NUM_THREADS=1) two stages side by side get one thread in all, not one each
-    of the machine's cores beside the other worker."""
+    """Under a test worker (OMP_NUM_THREADS=1) a stage left running alone keeps one thread instead of
+    taking both cores beside the other worker (two-thread pools spinning beside a busy core are slow)."""
     import os
 
     from lethe.repro import available_cores

@@ -166,12 +166,18 @@ class TrainingSet:
 
 
 def features_key(pixels: torch.Tensor, cfg: EvaluateConfig) -> str:
-    """What the training set's features depend on: the images, the extractor's kind and weights (hashed;
-    a large checkpoint by size and modification time), and the device type they run on."""
-    weights = (content_hash(FEATURIZER) if cfg.features == "featurizer" and FEATURIZER.exists()
-               else fingerprint([Path(cfg.features_path)]) if cfg.features_path else "")
+    """What the training set's features depend on: the images, the extractor's kind, weights (hashed; a
+    large checkpoint by size and modification time) and code, and the device type they run on."""
+    from lethe.memorization import features
+
+    weights = ""
+    if cfg.features == "featurizer" and FEATURIZER.exists():
+        weights = content_hash(FEATURIZER)
+    elif cfg.features in ("sscd", "open_clip") and cfg.features_path:
+        weights = fingerprint([Path(cfg.features_path)])
+    code = content_hash(features.__file__) + content_hash(Path(__file__).with_name("featurizer.py"))
     digest = hashlib.md5(pixels.contiguous().numpy().tobytes())
-    digest.update(f"{cfg.features}:{cfg.open_clip_model}:{weights}:{inference_device().type}".encode())
+    digest.update(f"{cfg.features}:{cfg.open_clip_model}:{weights}:{code}:{inference_device().type}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -127,6 +127,7 @@ def against_controls(pairs: list[tuple[str, str]], outcomes: dict[str, dict], re
     for method, control in pairs:
         ours, theirs = outcomes[method].get("dup"), outcomes[control].get("dup")
         if ours is None or theirs is None or ours["prompts"].tolist() != theirs["prompts"].tolist():
+            rows.append({"method": method, "control": control, "unpaired": True})  # said in the section
             continue
         n_prompts = len(ours["diversity"])
         k = len(ours["copied"]) // n_prompts
@@ -147,10 +148,14 @@ def controls_section(rows: list[dict]) -> str:
     lines = ["## Each mechanism against its control\n",
              "Dup prompts' replication rate of a method and of its control (the same share of samples skipped at "
              "random, or the method without its mechanism), paired on the same prompts and seeds; * marks a "
-             "difference whose interval excludes 0. Inside the noise, the mechanism buys nothing measurable "
-             "beyond what its control does.\n",
+             "difference whose interval excludes 0. The interval resamples prompts of one training run of each: "
+             "it leaves out how much another training seed would move either. Without *, the mechanism buys "
+             "nothing measurable here beyond what its control does.\n",
              "| method | control | method's rate | control's rate | method − control |", "|---|---|---|---|---|"]
     for r in rows:
+        if r.get("unpaired"):
+            lines.append(f"| {r['method']} | {r['control']} | – | – | not paired: no dup prompts in common |")
+            continue
         star = " *" if r["significant"] else ""
         lines.append(f"| {r['method']} | {r['control']} | {r['method_rate']:.3f} | {r['control_rate']:.3f} | "
                      f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]{star} |")
