@@ -76,12 +76,13 @@ def times(repo) -> dict[str, float]:
 
 def test_independent_stages_run_side_by_side_and_dvc_records_them(repo):
     repo, env = repo
-    result = lethe_repro(repo, env, "--jobs", "2")
+    cores = os.cpu_count() or 1
+    # every core to share out, also under a test worker (whose OMP_NUM_THREADS=1 caps them: the next test)
+    result = lethe_repro(repo, env, "--jobs", "2", OMP_NUM_THREADS=str(cores))
     assert result.returncode == 0, result.stderr
     t = times(repo)
     assert t["b start"] < t["c end"] and t["c start"] < t["b end"]  # b and c overlapped
     assert t["a end"] <= min(t["b start"], t["c start"]) and t["d start"] >= max(t["b end"], t["c end"])
-    cores = os.cpu_count() or 1
     assert t["b threads"] == t["b share"] == str(max(1, cores // 2))  # beside c: half the cores
     assert t["d threads"] == t["d share"] == str(cores)  # alone: all of them
     assert "b: working on b" in result.stdout and "4 stages ran" in result.stdout
