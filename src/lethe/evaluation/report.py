@@ -211,7 +211,7 @@ pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0
 significantly and its quality loss is not significantly beyond the registry's tolerances; the lowest dup
 rate among the qualified wins, a tie going to the lower FD.</p>
 <ul>{verdicts or "<li>no baseline metrics: nothing to compare with</li>"}</ul>
-<h2>Detection, calibration, data</h2>
+<h2>Controls, detection, calibration, data</h2>
 <pre>{html.escape(sections_markdown)}</pre>
 <h2>Galleries</h2>
 <p>Each generation beside its nearest training images, with its replication scores.</p>
