@@ -17,7 +17,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from lethe.declarations import Section, TrainingMethod
-from lethe.training.random_skip import RandomSkip, curve_file, followed_curve
+from lethe.training.random_skip import RandomSkip, curve_file, followed_curve, plain_fine_tuning
 
 
 class RandomSkipConfig(Section):
@@ -34,11 +34,9 @@ class RandomSkipConfig(Section):
 
 
 def training(params, model, scheduler, samples: int):
-    from lethe.training.module import DiffusionTraining
-
     cfg = params.random_skip
     shares = followed_curve(cfg.follows) if cfg.follows else cfg.share
-    return DiffusionTraining(model, scheduler, params.finetune, keep=RandomSkip(shares, cfg.seed))
+    return plain_fine_tuning(params, model, scheduler, samples, RandomSkip(shares, cfg.seed))
 
 
 METHOD = TrainingMethod("random_skip", "a random share of samples skipped (control)", section="random_skip",

@@ -28,7 +28,7 @@ def report(params) -> str:
     metrics = variant_metrics(VARIANTS)
     points = tradeoff_points(metrics)
     # each control or ablation beside the method it controls, where both were evaluated
-    controls = {name: m.controls(params) for name, m in TRAINING.items() if m.controls and m.controls(params)}
+    controls = {name: method for name, m in TRAINING.items() if m.controls and (method := m.controls(params))}
     pairs = [(method, control) for control, method in controls.items()
              if {method, control} <= set(metrics) and outcomes_file(method).exists() and outcomes_file(control).exists()]
     outcomes = {v: load_outcomes(outcomes_file(v)) for pair in pairs for v in pair}

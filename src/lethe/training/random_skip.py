@@ -52,16 +52,19 @@ def followed_curve(method: str) -> list[float]:
     return [float(v) for v in curve]
 
 
+def plain_fine_tuning(params, model, scheduler, samples: int, keep: RandomSkip):
+    """Fine-tuning that trains on the samples `keep` keeps at each step."""
+    from lethe.training.module import DiffusionTraining
+
+    return DiffusionTraining(model, scheduler, params.finetune, keep=keep)
+
+
 def control(method: str, reads: tuple[str, ...] = (), needs: tuple[str, ...] = (), structure=None) -> TrainingMethod:
     """`random_skip_<method>`: the share `method` skipped at each step, dropped at random, in the training
     `structure(params, model, scheduler, samples, keep)` builds (default: plain fine-tuning)."""
     def training(params, model, scheduler, samples: int):
-        from lethe.training.module import DiffusionTraining
-
         keep = RandomSkip(followed_curve(method), params.finetune.seed)
-        if structure is None:
-            return DiffusionTraining(model, scheduler, params.finetune, keep=keep)
-        return structure(params, model, scheduler, samples, keep)
+        return (structure or plain_fine_tuning)(params, model, scheduler, samples, keep)
 
     return TrainingMethod(f"random_skip_{method}", f"{method}'s skipped share, dropped at random (control)",
                           reads=reads, needs=(*needs, str(model_dir(method))), training=training,
