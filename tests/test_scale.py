@@ -219,6 +219,34 @@ def test_latents_are_cached_once_and_training_never_runs_the_encoder(tmp_path, m
     assert not torch.equal(before, model.unet.conv_in.weight)
 
 
+
+def sd_scale_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sd_scale", ROOT / "benchmarks" / "sd_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sd_scale_benchmark_skips_without_a_gpu_and_runs_the_preset_path_at_toy_size(monkeypatch, capsys):
+    """benchmarks/sd_scale.py is run on a GPU when one is lent; here its skip and, at toy size on the CPU,
+    the code it times: the preset's bf16-mixed training with gradient checkpointing, then generation."""
+    bench = sd_scale_benchmark()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["sd_scale.py"])
+    assert bench.main() == 0
+    assert "skipped" in json.loads(capsys.readouterr().out)
+
+    monkeypatch.setattr(sys, "argv", ["sd_scale.py", "--tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
+                                      "--batch-size", "2", "--images", "16", "--generations", "2",
+                                      "--sample-steps", "2", "--resolution", "16"])
+    assert bench.main() == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["size"] == "tiny" and result["precision"] == "bf16-mixed" and result["gradient_checkpointing"]
+    assert result["timed_steps"] == 2 and result["train_steps_per_s"] > 0
+    assert result["generations"] == 2 and result["seconds_per_image"] > 0 and result["sample_steps"] == 2
+
 # Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
 PIPELINE = [
     ["prepare"], ["featurizer"], ["calibrate"], ["pretrain"], ["shard"],
