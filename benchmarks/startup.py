@@ -5,6 +5,11 @@ A stage that builds a U-Net cannot start sooner than `import torch` plus diffuse
 (the "diffusers floor": diffusers 0.42 loads torch._dynamo, peft, transformers and every transformer
 model on that import); `over_floor` is what such a stage adds to it.
 
+`warm` is the same fixed cost through the `lethe` command as a stage meets it under `lethe repro` or a
+second `dvc repro` stage: a warm server (lethe.warm) has imported everything and forks the stage. Each
+stage runs in an empty project, where it stops with a one-line error at its first read of an input (its
+first work); `cold` is that command with LETHE_WARM=0, a fresh process importing for itself.
+
 Each figure is the best of `--repeats` fresh processes (the least disturbed by the rest of the machine).
 Usage: python benchmarks/startup.py [--repeats 3]
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,13 +28,44 @@ from lethe.cli import STAGES
 FLOOR = "import torch; from diffusers import DDIMScheduler, UNet2DConditionModel"
 
 
-def seconds(command: list[str], repeats: int) -> float:
+def seconds(command: list[str], repeats: int, check: bool = True, **kwargs) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
+        subprocess.run(command, check=check, capture_output=True, **kwargs)
         best = min(best, time.perf_counter() - started)
     return round(best, 3)
+
+
+# a stage's command with its arguments; each stops at its first input in an empty project (prepare, which
+# has none, is left out: it does its work)
+COMMANDS = {"shard": [], "pretrain": [], "train": ["baseline"], "featurizer": [], "calibrate": [],
+            "evaluate": ["baseline"], "detect": [], "mitigate": ["memattn"], "localize": [], "memcontrol": [],
+            "select_loyal": [], "report": [], "register": [], "audit": ["baseline"]}
+
+
+def through_cli(repeats: int) -> dict[str, dict[str, float]]:
+    """Each stage's command to its first work: started warm, and cold."""
+    import tempfile
+    from pathlib import Path
+
+    from lethe.warm import LOG, start_server
+
+    lethe = str(Path(sys.executable).parent / "lethe")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        (project / "params.yaml").write_text("{}\n")
+        server = start_server(600.0, project / ".lethe" / "warm.sock")
+        while "ready" not in ((project / LOG).read_text() if (project / LOG).exists() else ""):
+            time.sleep(0.2)
+        out = {}
+        for mode, switch in (("warm", "1"), ("cold", "0")):
+            env = {**os.environ, "LETHE_WARM": switch}
+            out[mode] = {stage: seconds([lethe, stage, *args], repeats, cwd=project, env=env, check=False)
+                         for stage, args in COMMANDS.items()}
+        server.terminate()
+        server.wait()
+    return out
 
 
 def imports_diffusers(stage: str) -> bool:
@@ -51,6 +88,8 @@ def main() -> None:
     result["slowest stage"] = max(result["stages"], key=result["stages"].get)
     result["over_floor"] = {stage: round(t - result["diffusers floor"], 3) for stage, t in result["stages"].items()
                             if imports_diffusers(stage)}
+    result |= {f"{mode} command to first work": times for mode, times in through_cli(repeats).items()}
+    result["warm slowest"] = max(result["warm command to first work"].values())
     print(json.dumps(result, indent=2))
 
 

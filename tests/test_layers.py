@@ -8,7 +8,8 @@ import sys
 
 from tests.test_pipeline_deps import SRC, imported
 
-ENTRY_POINTS = ("lethe.stages", "lethe.cli")
+# the command layer: the stages, the CLI, and what starts processes that run the CLI (lethe repro, the warm server)
+ENTRY_POINTS = ("lethe.stages", "lethe.cli", "lethe.repro", "lethe.warm")
 
 
 def lethe_modules() -> list[str]:

@@ -108,11 +108,19 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """From the command line (`argv` None), a stage runs in a child of the project's warm server
+    (`lethe.warm`) when one can take it; called with `argv`, always in this process."""
+    args = parser().parse_args(argv)
+    if argv is None and args.stage in STAGES:
+        from lethe.warm import run_warm
+
+        code = run_warm(sys.argv[1:])
+        if code is not None:
+            return code
     from lethe.config import load_params, materialized
     from lethe.errors import LetheError, TrainingDiverged
     from lethe.files import write_text
 
-    args = parser().parse_args(argv)
     quiet_libraries()
     try:
         if args.stage == "preset":
