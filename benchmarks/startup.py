@@ -49,14 +49,15 @@ def through_cli(repeats: int) -> dict[str, dict[str, float]]:
     import tempfile
     from pathlib import Path
 
-    from lethe.warm import LOG, start_server
+    from lethe.warm import log_path, socket_path, start_server
 
     lethe = str(Path(sys.executable).parent / "lethe")
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         (project / "params.yaml").write_text("{}\n")
-        server = start_server(600.0, project / ".lethe" / "warm.sock")
-        while "ready" not in ((project / LOG).read_text() if (project / LOG).exists() else ""):
+        server = start_server(600.0, socket_path(project))
+        log = log_path(socket_path(project))
+        while "ready" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.2)
         out = {}
         for mode, switch in (("warm", "1"), ("cold", "0")):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lethe.warm import SOCKET, start_server
+from lethe.warm import log_path, socket_path, start_server
 from tests.conftest import ROOT, SMOKE
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def lethe(*args, cwd: Path, env: dict, **kwargs) -> subprocess.Popen:
 
 
 def log_lines(project: Path) -> list[str]:
-    log = project / ".lethe" / "warm.log"
+    log = log_path(socket_path(project))
     return log.read_text().splitlines() if log.exists() else []
 
 
@@ -53,12 +53,7 @@ def warm(tmp_path_factory):
     env = {**os.environ, "LETHE_WARM": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_ROOT", None)
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
-        server = start_server(600.0)
-    finally:
-        os.chdir(cwd)
+    server = start_server(600.0, socket_path(project))
     wait_for(lambda: any("ready" in line for line in log_lines(project)), 180, "the server's imports")
     yield project, env
     server.terminate()
@@ -95,6 +90,22 @@ def test_a_signal_to_the_caller_ends_the_stage_it_runs(warm):
              60, "the stage's process to end")
 
 
+def test_a_child_takes_the_callers_directory_environment_command_line_main_script_and_threads(tmp_path):
+    """What Lightning's DDP launcher reads to start the other ranks (`__main__.__spec__` None: it re-runs
+    `python <argv0> args`; `python -m lethe.warm pretrain` would not run), and the caller's thread count."""
+    request = {"cwd": str(tmp_path), "env": {"OMP_NUM_THREADS": "1", "MARK": "caller"},
+               "argv0": "/venv/bin/lethe", "argv": ["train", "baseline"]}
+    code = ("import json, os, sys, torch, threadpoolctl; from lethe.warm import become; "
+            f"become(json.loads({json.dumps(json.dumps(request))}), 2); import __main__; "
+            "print(json.dumps([os.getcwd(), os.environ.get('MARK'), sys.argv, __main__.__spec__, __main__.__file__, "
+            "torch.get_num_threads(), max([p['num_threads'] for p in threadpoolctl.threadpool_info() "
+            "if p['user_api'] == 'blas'] or [1])]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+    assert json.loads(out) == [str(tmp_path), "caller", ["/venv/bin/lethe", "train", "baseline"], None,
+                               "/venv/bin/lethe", 1, 1]
+
+
 def test_changed_code_is_refused_and_the_stage_runs_in_its_own_process(warm, tmp_path):
     """Another copy of lethe on PYTHONPATH stands for code changed since the server started: the server
     refuses and exits, and the stage runs as it would without one, from the caller's code."""
@@ -105,4 +116,4 @@ def test_changed_code_is_refused_and_the_stage_runs_in_its_own_process(warm, tmp
     assert run.returncode == 0, err
     assert json.loads(out)["data/target_images"] == 40.0
     assert any("refused" in line for line in log_lines(project))
-    wait_for(lambda: not (project / SOCKET).exists(), 30, "the server to exit")
+    wait_for(lambda: not socket_path(project).exists(), 30, "the server to exit")

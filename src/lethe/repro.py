@@ -34,7 +34,7 @@ from lethe.errors import LetheError
 from lethe.files import write_text
 from lethe.paths import REPRO_CORES
 from lethe.progress import CORES_FILE
-from lethe.warm import SOCKET, enabled, start_server
+from lethe.warm import enabled, socket_path, start_server
 
 RUN_IDLE_SECONDS = 3600.0  # the run's warm server is stopped when the run ends
 
@@ -110,7 +110,8 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
     started = time.perf_counter()
     with Repo() as repo:
         order, upstream = _plan(repo, targets)
-        cores_file = Path(repo.root_dir) / REPRO_CORES
+        root = Path(repo.root_dir)
+    cores_file = root / REPRO_CORES
     cores = available_cores()
 
     def share(stages: int) -> str:  # each running stage's threads, written where the stages read it
@@ -119,7 +120,7 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
         return threads
 
     pending, running, done, ran, failed = list(order), {}, set(), [], None
-    warm = start_server(RUN_IDLE_SECONDS, Path(repo.root_dir) / SOCKET) if enabled() else None
+    warm = None  # the run's warm server, started with the first stage that runs
     try:
         while pending or running:
             for address in list(pending):
@@ -134,6 +135,8 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
                     done.add(address)
                     continue
                 cmd, wdir = command
+                if warm is None and enabled():
+                    warm = start_server(RUN_IDLE_SECONDS, socket_path(root))
                 out.write(f"Running stage '{address}':\n> {cmd}\n")
                 out.flush()
                 threads = share(len(running) + 1)
@@ -169,7 +172,7 @@ def repro(targets: list[str], jobs: int, out=sys.stdout) -> int:
         for process, _, _ in running.values():
             os.killpg(process.pid, signal.SIGTERM)  # the shell and the stage it started (or its warm child)
         if warm is not None:
-            warm.terminate()
+            warm.terminate()  # its socket is removed as it exits
 
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     if failed is not None:
