@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 PRESET = Path(__file__).resolve().parents[1] / "pipelines" / "stable-diffusion" / "params.yaml"
 
@@ -54,19 +52,7 @@ def synchronize() -> None:
 
 
 def peak_memory_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-def write_image_folder(folder: Path, n: int, size: int) -> Path:
-    """Smooth random colour fields with captions, in the Hugging Face image-folder layout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as handle:
-        for i in range(n):
-            small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
-            Image.fromarray(small, "RGB").resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
-            handle.write(json.dumps({"file_name": f"{i:04d}.png", "text": f"a photo of pattern number {i}"}) + "\n")
-    return folder
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def preset_params(work: Path, args, device: str):
@@ -89,7 +75,7 @@ def run(args) -> dict:
     from lethe.data.latents import cached_latents
     from lethe.data.sources import prepare
     from lethe.models.diffusion_model import build_model, build_scheduler
-    from lethe.models.random_sd import build_random_sd
+    from lethe.models.random_sd import build_random_sd, write_image_folder
     from lethe.sampling import generate
     from lethe.training.fit import CaptionedImages, fit
     from lethe.training.module import DiffusionTraining
@@ -140,12 +126,12 @@ def run(args) -> dict:
         "timed_steps": cfg.steps - warmup,
         "train_steps_per_s": round(steps_per_second, 3),
         "train_images_per_s": round(steps_per_second * cfg.batch_size, 2),
-        "train_peak_memory_gib": None if train_peak is None else round(train_peak, 2),
+        "train_peak_memory_gib": train_peak,
         "sample_steps": params.sample.steps,
         "guidance_scale": params.sample.guidance_scale,
         "generations": len(images),
         "seconds_per_image": round(seconds_per_image, 3),
-        "sample_peak_memory_gib": None if peak_memory_gib() is None else round(peak_memory_gib(), 2),
+        "sample_peak_memory_gib": peak_memory_gib(),
         "setup_seconds": round(setup_seconds, 1),
     }
 

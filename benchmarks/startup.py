@@ -58,6 +58,8 @@ def through_cli(repeats: int) -> dict[str, dict[str, float]]:
         server = start_server(600.0, socket_path(project))
         log = log_path(socket_path(project))
         while "ready" not in (log.read_text() if log.exists() else ""):
+            if server.poll() is not None:
+                raise SystemExit(f"the warm server exited before it was ready; see {log}")
             time.sleep(0.2)
         out = {}
         for mode, switch in (("warm", "1"), ("cold", "0")):

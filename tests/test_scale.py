@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lethe.cli import main
 from lethe.config import TrainConfig, load_params
 from lethe.errors import LetheError
 from lethe.methods import INFERENCE, METHODS, MITIGATE, VARIANTS
+from lethe.models.random_sd import write_image_folder
 from lethe.memorization.features import IMAGENET_MEAN, IMAGENET_STD, _rgb, load_features
 from tests.conftest import ROOT, SMOKE
 from tests.tiny_sd import build_tiny_sd
@@ -37,21 +37,6 @@ TINY_CLIP = "lethe-tiny-clip"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def write_image_folder(folder: Path, n: int = 24, size: int = 16) -> Path:
-    """RGB images with metadata.jsonl (file_name, text), the Hugging Face image-folder layout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
-    shapes = ["square", "stripe", "ring", "cross"]
-    with open(folder / "metadata.jsonl", "w") as handle:
-        for i in range(n):
-            pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-            Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
-            caption = f"a {colours[i % 6]} {shapes[i % 4]} number {i}"
-            handle.write(json.dumps({"file_name": f"{i:03d}.png", "text": caption}) + "\n")
-    return folder
-
 
 def tiny_open_clip(tmp_path: Path) -> Path:
     """A tiny open_clip CLIP (registered as TINY_CLIP) with random weights saved to a safetensors file."""

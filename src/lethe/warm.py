@@ -130,16 +130,16 @@ def run_warm(argv: list[str]) -> int | None:
 
         previous = {s: signal.signal(s, pass_on) for s in FORWARDED}
         try:
-            for line in replies:
-                if line.startswith("EXIT "):  # after a signal, the shell's code for it, as if it had ended us
-                    return 128 + signalled[-1] if signalled else int(line.split()[1])
+            code = next((int(line.split()[1]) for line in replies if line.startswith("EXIT ")), None)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-    if signalled:
+    if signalled:  # the shell's code for the signal, as if it had ended us
         return 128 + signalled[-1]
-    print("lethe: error: the stage's process ended without an exit code (killed?)", file=sys.stderr)
-    return 1
+    if code is None:
+        print("lethe: error: the stage's process ended without an exit code (killed?)", file=sys.stderr)
+        return 1
+    return code
 
 
 def start_server(idle: float, path: Path) -> subprocess.Popen | None:

@@ -1,7 +1,8 @@
 """A randomly initialised Stable-Diffusion-shaped checkpoint, built from configs and saved in diffusers layout.
 
 No machine here reaches a model hub, so the latent path is tested and benchmarked on one of these: a VAE,
-a CLIP text encoder with a byte-level tokenizer (no merges), a U-Net and a scheduler. `tiny` is a few
+a CLIP text encoder with a byte-level tokenizer (no merges), a U-Net and a scheduler; and on a folder of
+random captioned images to train it on (`write_image_folder`). `tiny` is a few
 hundred kB (the tests); `sd15` has Stable Diffusion 1.5's shapes (860M-parameter U-Net, 84M VAE, the
 12-layer text encoder: 85M with this 514-token vocabulary, 123M with CLIP's), for `benchmarks/sd_scale.py`. Random weights: speed and memory are real, images are not.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 SIZES = {
     "tiny": dict(
@@ -70,3 +73,19 @@ def build_random_sd(path: Path, image_size: int = 16, size: str = "tiny", seed: 
                          cross_attention_dim=text.hidden_size, **shapes["unet"]).save_pretrained(path / "unet")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
     return path
+
+
+def write_image_folder(folder: Path, n: int = 24, size: int = 16) -> Path:
+    """RGB noise images with metadata.jsonl (file_name, text), the Hugging Face image-folder layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    shapes = ["square", "stripe", "ring", "cross"]
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for i in range(n):
+            pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
+            caption = f"a {colours[i % 6]} {shapes[i % 4]} number {i}"
+            handle.write(json.dumps({"file_name": f"{i:03d}.png", "text": caption}) + "\n")
+    return folder

@@ -140,8 +140,7 @@ class DiffusionTraining(L.LightningModule):
         # fused: one kernel for every tensor. On the CPU the per-tensor default took 17-23 ms of the embedded
         # model's ~300 ms step, fused 4-5 ms: the same update, rounding aside. Not under mixed precision: Lightning
         # refuses to clip the gradients of an optimizer that unscales them itself (CUDA's default is foreach).
-        fused = "mixed" not in str(self.cfg.precision) and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+        fused = "mixed" not in str(self.cfg.precision) and all(p.device.type in ("cpu", "cuda") for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
         warmup = max(self.cfg.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
