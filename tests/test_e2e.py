@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import ROOT, SMOKE
 
-from lethe.methods import INFERENCE, METHODS, MITIGATE, VARIANTS
+from lethe.methods import CANDIDATES, INFERENCE, METHODS, MITIGATE, VARIANTS
 
 pytestmark = pytest.mark.e2e
 
@@ -79,9 +79,12 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["data/planted_pairs"] == 4 == data["data/dup_prompts"] and data["data/duplicate_groups"] == 0
     calibration = json.loads((repo / "metrics/calibration.json").read_text())
-    assert calibration["calibration/rel_l2/holdout_fpr"] == 0.05  # 2 of the 40 holdout images
+    assert calibration["calibration/calibration_images"] == calibration["calibration/heldout_images"] == 20
+    for key in ("heldout_fpr", "generation_null_rate"):  # measured on images that did not set the threshold
+        rate = f"calibration/rel_l2/{key}"
+        assert 0 <= calibration[f"{rate}/ci_low"] <= calibration[rate] <= calibration[f"{rate}/ci_high"] <= 1
     registry = json.loads((repo / "reports/registry.json").read_text())
-    assert set(registry["policy"]) == set(VARIANTS)  # a verdict for every variant
+    assert set(registry["policy"]) == set(CANDIDATES)  # a verdict for every variant but the A/A replicates
     audited = json.loads((repo / "reports/audit/champion/audit.json").read_text())
     champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
     assert audited["variant"] == champion and (repo / "reports/audit/champion/index.html").is_file()
@@ -111,7 +114,8 @@ def test_evaluation_metrics_per_group(repo, reproduced):
     assert all(f"| {m} |" in report for m in VARIANTS)
     assert "## Detection on the baseline" in report and "## NeMo neurons" in report
     points = json.loads((repo / "plots/tradeoff.json").read_text())
-    assert [p["variant"] for p in points] == list(VARIANTS)
+    assert [p["variant"] for p in points] == list(CANDIDATES)
+    assert "## A/A: the baseline against itself" in report and "## Provenance" in report
     assert points[0]["variant"] == "baseline" and points[0]["fd"] == metrics["quality/fd/holdout"]
     assert points[0]["replication_rate"] == metrics["replication/rate/dup"]
     page = (repo / "reports/report.html").read_text()
@@ -183,7 +187,7 @@ def test_second_repro_does_nothing(repo, reproduced):
     out = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in out
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
-    assert len(client.search_model_versions("name='lethe-smoke'")) == len(VARIANTS)
+    assert len(client.search_model_versions("name='lethe-smoke'")) == len(CANDIDATES)
 
 
 def test_changed_training_param_reruns_only_dependents(repo, reproduced):

@@ -8,13 +8,13 @@ from lethe.evaluation.report import against_controls, controls_section, markdown
 def test_each_figure_shows_its_interval_and_a_significant_change_is_marked():
     base = {"replication/rate/dup": 0.4, "replication/rate/dup/ci_low": 0.3, "replication/rate/dup/ci_high": 0.5}
     loyal = {"replication/rate/dup": 0.1, "replication/rate/dup/ci_low": 0.05, "replication/rate/dup/ci_high": 0.2,
-             "vs_baseline/replication_rate_dup": -0.75, "vs_baseline/replication_rate_dup/ci_low": -0.9,
-             "vs_baseline/replication_rate_dup/ci_high": -0.5, "vs_baseline/replication_rate_dup/significant": -1.0,
+             "vs_baseline/replication_rate_dup/diff": -0.3, "vs_baseline/replication_rate_dup/diff/ci_low": -0.35,
+             "vs_baseline/replication_rate_dup/diff/ci_high": -0.2, "vs_baseline/replication_rate_dup/significant": -1.0,
              "vs_baseline/quality_fd_holdout": 0.05, "vs_baseline/quality_fd_holdout/ci_low": -0.1,
              "vs_baseline/quality_fd_holdout/ci_high": 0.2, "vs_baseline/quality_fd_holdout/significant": 0.0}
     table = markdown_table({"baseline": base, "loyal": loyal})
     assert "| baseline | – | 0.400 [0.300, 0.500] | – |" in table
-    assert "| loyal | – | 0.100 [0.050, 0.200] | -75% [-90%, -50%] * |" in table
+    assert "| loyal | – | 0.100 [0.050, 0.200] | -0.300 [-0.350, -0.200] * |" in table
     assert "+5% [-10%, +20%] |" in table  # inside the noise: no mark
 
 
@@ -72,3 +72,64 @@ def test_each_method_is_paired_with_its_control_on_the_same_prompts():
     section = controls_section([row, unpaired])
     assert "| other | random_skip | – | – | not paired: no dup prompts in common |" in section
     assert f"| wen_filter | random_skip | 0.125 | 0.625 | -0.500 [{row['low']:+.3f}, {row['high']:+.3f}] * |" in section
+
+
+def test_every_section_of_the_page_is_html_not_markdown():
+    from lethe.evaluation.report import html_page
+
+    sections = controls_section([{"method": "wen_filter", "control": "random_skip", "method_rate": 0.5,
+                                  "control_rate": 0.6, "diff": -0.1, "low": -0.2, "high": 0.05, "significant": 0.0}])
+    page = html_page({"baseline": {"replication/rate/dup": 0.4}}, sections + "\n## Data\n\n60 images.\n", {})
+    assert "<pre>" not in page and "| method |" not in page and "|---|" not in page
+    assert "<h2>Each mechanism against its control</h2>" in page and "<h2>Data</h2>" in page
+    assert "<td>wen_filter</td>" in page and "<td>-0.100 [-0.200, +0.050]</td>" in page
+    assert page.count("<div class='scroll'><table>") == 1 and page.count('<div class="scroll"><table>') == 1
+
+
+def test_trade_off_labels_never_overlap_even_where_points_crowd():
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from lethe.evaluation.report import label_points
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    points = [(10 + 0.01 * i, 0.5 + 0.001 * i, f"variant_{i}") for i in range(8)] + [(20.0, 0.0, "far")]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set_xlim(0, 25), ax.set_ylim(-0.1, 1)
+    fig.canvas.draw()
+    label_points(ax, points)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text's own box, not its leader line
+    assert sorted(t.get_text() for t in ax.texts) == sorted(p[2] for p in points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+
+def test_headline_keeps_what_dvc_metrics_show_lists():
+    from lethe.evaluation.figures import HEADLINE, headline
+
+    full = {key: 0.123456 for key in HEADLINE.values()} | {"replication/rate/dup/ci_low": 0.1, "cost/train_seconds": 9.0}
+    assert headline(full) == {name: 0.123 for name in HEADLINE}
+    assert headline({"replication/rate/dup": 0.5, "vs_baseline/replication_rate_dup": None}) == {"dup_rate": 0.5}
+
+
+def test_provenance_lists_each_stages_latest_time_from_mlflow(project, smoke_params):
+    import mlflow
+
+    import lethe.tracking
+    from lethe.evaluation.provenance import provenance_section
+    from lethe.tracking import stage_run
+
+    for stage, started in (("prepare", 100.0), ("prepare", 30.0), ("calibrate", 7.0)):
+        lethe.tracking.STARTED = __import__("time").time() - started
+        with stage_run(smoke_params, stage=stage, method=stage, sections=(), data_hash=""):
+            pass
+    with stage_run(smoke_params, stage="memcontrol", method="memcontrol", sections=(), data_hash=""):
+        with mlflow.start_run(nested=True):  # an Optuna trial: not a stage
+            mlflow.log_metric("cost/stage_seconds", 999.0)
+    section = provenance_section(smoke_params.tracking.experiment)
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "seconds" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| prepare", "| calibrate", "| memcontrol"]
+    assert rows[0].split(" | ")[1].startswith("30.") and rows[1].split(" | ")[1].startswith("7.")
+    assert "params.yaml sha256" in section and "cores" in section

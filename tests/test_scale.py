@@ -234,7 +234,7 @@ def test_sd_scale_benchmark_skips_without_a_gpu_and_runs_the_preset_path_at_toy_
 
 # Every stage of dvc.yaml, in an order DVC may run them (test_pipeline_order_covers_dvc_yaml checks both)
 PIPELINE = [
-    ["prepare"], ["featurizer"], ["calibrate"], ["pretrain"], ["shard"],
+    ["prepare"], ["featurizer"], ["pretrain"], ["calibrate"], ["shard"],
     ["train", "baseline"], ["select_loyal"], *(["train", m] for m in METHODS if m not in ("baseline", "memcontrol")),
     ["detect"], *(["mitigate", v] for v in MITIGATE), ["localize"], ["memcontrol"],
     ["train", "memcontrol"],

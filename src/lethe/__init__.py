@@ -1,3 +1,3 @@
 """lethe: train text-to-image diffusion models, measure what they memorize, and mitigate it."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 from lethe.methods import METHODS, MITIGATE, VARIANTS
 
@@ -46,9 +47,15 @@ def _positive(value: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="lethe", description=__doc__.splitlines()[0])
+    from lethe import __version__
+
+    main = argparse.ArgumentParser(
+        prog="lethe", description="lethe: train text-to-image diffusion models, measure which training images they "
+        "reproduce, and compare the published mitigations. Each command below is one DVC stage (`dvc repro` runs "
+        "them all) or a tool.", epilog="Set-up, results and every method: README.md (docs/ for depth).")
+    main.add_argument("--version", action="version", version=f"lethe {__version__}")
     main.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    stages = main.add_subparsers(dest="stage", required=True)
+    stages = main.add_subparsers(dest="stage", required=True, metavar="command", title="commands")
     commands = {name: stages.add_parser(name, help=text) for name, text in STAGES.items()}
     stages.add_parser("preset", help=PRESET_HELP).add_argument("source", help="a preset, e.g. pipelines/smoke/params.yaml")
     repro = stages.add_parser("repro", help=REPRO_HELP)
@@ -110,6 +117,9 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """From the command line (`argv` None), a stage runs in a child of the project's warm server
     (`lethe.warm`) when one can take it; called with `argv`, always in this process."""
+    import lethe.tracking
+
+    lethe.tracking.STARTED = time.time()
     args = parser().parse_args(argv)
     if argv is None and args.stage in STAGES:
         from lethe.warm import run_warm

@@ -204,9 +204,11 @@ class AuditConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = "lethe"
-    # champion: the lowest dup replication rate among versions whose quality stays within these of the baseline
+    # champion: a significant drop of the criterion's dup rate, quality within these of the baseline by its bounds
     fd_tolerance: float = Field(0.10, ge=0.0)  # relative rise of quality/fd/holdout allowed
     accuracy_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # absolute drop of quality/prompt_accuracy/holdout
+    # the rate whose significant reduction promotes: dup re-identification (what a privacy user fears) or copies
+    criterion: Literal["reid", "copy"] = "reid"
 
 
 class TrackingConfig(Section):

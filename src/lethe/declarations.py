@@ -28,7 +28,8 @@ class TrainingMethod:
     - `prepare_model(params, model)`: change the model before training (LoyalDiffusion's RAU-Net);
     - `caption_noise(params, captions)`: a function that rewrites a caption each time it is drawn;
     - `training(params, model, scheduler, samples)`: the LightningModule (default: plain fine-tuning);
-    - `controls(params)`: for a control or an ablation, the method it is compared with in the report.
+    - `controls(params)`: for a control or an ablation, the method it is compared with in the report;
+    - `seed_offset`: a replicate of the baseline at another training seed (its A/A rows).
     """
 
     name: str
@@ -43,6 +44,7 @@ class TrainingMethod:
     caption_noise: Callable[[Any, list[str]], Callable[[str], str] | None] | None = None
     training: Callable[[Any, Any, Any, int], Any] | None = None
     controls: Callable[[Any], str | None] | None = None
+    seed_offset: int = 0  # trains at finetune.seed + this: the baseline's A/A replicates
 
 
 @dataclass(frozen=True)

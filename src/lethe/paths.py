@@ -39,6 +39,10 @@ def variant_metrics_file(variant: str) -> Path:
     return METRICS / f"{variant}.json"
 
 
+def headline_metrics_file(variant: str) -> Path:
+    return METRICS / "headline" / f"{variant}.json"
+
+
 def train_metrics_file(variant: str) -> Path:
     return TRAIN_METRICS / f"{variant}.json"
 

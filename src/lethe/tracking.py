@@ -10,10 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from lethe.config import Params, TrackingConfig
 from lethe.errors import LetheError
+
+
+# when this stage's command started (`lethe.cli.main` sets it: in the warm server's child, at the fork); each
+# stage run logs `cost/stage_seconds` from it to the run's end, which the report's provenance lists
+STARTED = time.time()
+STAGE_SECONDS = "cost/stage_seconds"
 
 
 def project_root() -> Path:
@@ -101,6 +108,7 @@ def stage_run(params: Params, *, stage: str, method: str, sections: tuple[str, .
         mlflow.set_tags({"stage": stage, "method": method, "git_commit": git_commit(), "data_hash": data_hash})
         mlflow.log_params({k: v for s in sections for k, v in flatten(s, dumped[s]).items()})
         yield run
+        mlflow.log_metric(STAGE_SECONDS, time.time() - STARTED)
 
 
 def lightning_logger(run, cfg: TrackingConfig):

@@ -46,6 +46,21 @@ def _share(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.1%} [{metrics[key + '/ci_low']:.1%}, {metrics[key + '/ci_high']:.1%}]"
 
 
+def null_line(null: dict | None, variant: str | None) -> str:
+    """The generation null beside the guarantee: generations that copy nothing, and the share flagged."""
+    if null is None and variant is None:
+        return ("Generation null: not measured for this model (it needs generations by a model that never saw "
+                "these images; <code>lethe calibrate</code> makes them for the pipeline's own variants).")
+    if null is None:
+        return ("Generation null: not measured (<code>metrics/calibration.json</code> has none; "
+                "run <code>dvc repro calibrate</code>).")
+    return (f"Generation null: the pretrained model, which never saw the target pictures, made {int(null['images'])} "
+            f"images for their captions; the relative L2 threshold {null['threshold']:.3f}, calibrated by "
+            f"<code>lethe calibrate</code> to flag {null['fpr_target']:.0%} of held-out images, flags "
+            f"{null['rate']:.1%} [{null['ci_low']:.1%}, {null['ci_high']:.1%}] of them (95% interval): the "
+            "false-positive rate on generations that copy nothing, at that threshold rather than this audit's.")
+
+
 def summary_lines(summary: dict) -> list[str]:
     m = summary["metrics"]
     lines = [f"<b>{int(m['audit/reproduced'])} of {int(m['audit/images'])}</b> training images reproduced "
@@ -69,6 +84,7 @@ def summary_lines(summary: dict) -> list[str]:
     else:
         lines.append(f"Threshold {m['audit/threshold']:.3f}: the published one. No held-out images were given, so its "
                      "false-positive rate on these images is unknown; pass --holdout to calibrate it.")
+    lines.append(null_line(summary.get("generation_null"), summary.get("variant")))
     if "audit/planted_recall" in m:
         others = f"; other images flagged {_share(m, 'audit/other_flagged_share')}" if "audit/other_flagged_share" in m else ""
         lines.append(f"Ground truth (planted duplicates): recall {_share(m, 'audit/planted_recall')}{others}.")

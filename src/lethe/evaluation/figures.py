@@ -1,9 +1,10 @@
 """Every figure of one prompt group, with its 95% interval, and its paired change against the baseline.
 
 A group's *outcomes* are per-generation arrays, prompt-major (generation_plan's order): whether each
-criterion calls it a copy, its top-1 similarity, its quality features, whether it shows its prompt's digit;
-and per prompt its diversity. They are kept (metrics/outcomes/<variant>.npz) so that a variant's figures
-can be bootstrapped *paired* with the baseline's: the same prompt draws for both.
+criterion calls it a copy, its top-1 similarity, whether its nearest picture is its prompt's own
+(`reidentified`), its relative L2 to that own picture (`own_rel_l2`), its quality features, whether it shows
+its prompt's digit; and per prompt its diversity. They are kept (metrics/outcomes/<variant>.npz) so that a
+variant's figures can be bootstrapped *paired* with the baseline's: the same prompt draws for both.
 """
 
 from __future__ import annotations
@@ -14,12 +15,26 @@ import torch
 from lethe.evaluation.intervals import Statistic, mean_of, paired, per_prompt, with_interval
 from lethe.evaluation.metrics import FeatureDistances
 
-# replication/<name>: the per-generation flag it averages
+# replication/<name>: the per-generation flag it averages (`reidentified`: the generation's nearest target or
+# holdout picture is its prompt's own; on holdout prompts its rate is the chance level)
 RATES = {"rate": "copied", "sim_rate": "sim_copied", "nn_ratio_rate": "nn_ratio_copied",
-         "rel_l2_rate": "rel_l2_copied", "gu_published_rate": "gu_copied"}
-# figures compared with the baseline's on the same prompts: replication in every group, quality on holdout
-PAIRED = ("replication/rate", "quality/fd", "quality/kid", "quality/prompt_accuracy", "quality/clip_score")
-SET_STATISTICS = ("quality/fd", "quality/kid")  # intervals by random halves, not the bootstrap (intervals.py)
+         "rel_l2_rate": "rel_l2_copied", "gu_published_rate": "gu_copied", "reid_rate": "reidentified"}
+# figures compared with the baseline's on the same prompts: replication in every group, quality on holdout.
+# replication/own_rel_l2 is lower for a closer copy: a mitigation shows as a positive change
+PAIRED = ("replication/rate", "replication/reid_rate", "replication/own_rel_l2", "quality/fd", "quality/kid",
+          "quality/prompt_accuracy", "quality/clip_score")
+SET_STATISTICS = ("quality/fd", "quality/kid")
+# what `dvc metrics show` lists, one row per variant (metrics/headline/<variant>.json): short names for the
+# figures a reader compares first; every figure with its interval stays in metrics/<variant>.json
+HEADLINE = {"dup_rate": "replication/rate/dup", "dup_change": "vs_baseline/replication_rate_dup",
+            "holdout_rate": "replication/rate/holdout", "fd": "quality/fd/holdout",
+            "fd_change": "vs_baseline/quality_fd_holdout", "accuracy": "quality/prompt_accuracy/holdout",
+            "accuracy_change": "vs_baseline/quality_prompt_accuracy_holdout/diff"}  # intervals by random halves, not the bootstrap (intervals.py)
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The HEADLINE figures a variant has, rounded for a terminal."""
+    return {name: round(metrics[key], 3) for name, key in HEADLINE.items() if metrics.get(key) is not None}
 
 
 def method(name: str) -> str:
@@ -31,8 +46,11 @@ def statistics(outcomes: dict[str, np.ndarray], k: int, distances: FeatureDistan
     def generations(rows: np.ndarray) -> np.ndarray:
         return (rows[:, None] * k + np.arange(k)).ravel()
 
+    # an array an older outcomes file lacks gives no figure here; evaluate refuses such a file as its baseline
     stats: dict[str, Statistic] = {f"replication/{name}": mean_of(per_prompt(outcomes[flag], k))
-                                   for name, flag in RATES.items()}
+                                   for name, flag in RATES.items() if flag in outcomes}
+    if "own_rel_l2" in outcomes:  # the mean over prompts of each prompt's closest generation to its own picture
+        stats["replication/own_rel_l2"] = mean_of(prompt_min(outcomes["own_rel_l2"], k))
     sim = outcomes["sim"]
     stats["replication/sim_top1_mean"] = mean_of(per_prompt(sim, k))
     stats["replication/sim_p95"] = lambda rows: float(np.quantile(sim[generations(rows)], 0.95))
@@ -47,6 +65,11 @@ def statistics(outcomes: dict[str, np.ndarray], k: int, distances: FeatureDistan
     if "clip_score" in outcomes:
         stats["quality/clip_score"] = mean_of(per_prompt(outcomes["clip_score"], k))
     return stats
+
+
+def prompt_min(values: np.ndarray, k: int) -> np.ndarray:
+    """Per-generation values (prompt-major) to each prompt's lowest."""
+    return np.asarray(values, dtype=float).reshape(-1, k).min(1)
 
 
 def group_figures(group: str, stats: dict[str, Statistic], n_prompts: int, resamples: int) -> dict[str, float]:

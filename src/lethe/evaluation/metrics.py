@@ -27,7 +27,7 @@ from lethe.devices import inference_device
 from lethe.errors import LetheError
 from lethe.evaluation.featurizer import Featurizer, has_featurizer, load_featurizer
 from lethe.memorization.features import load_features
-from lethe.memorization.replication import Criteria, replication_scores
+from lethe.memorization.replication import Criteria, own_relative_l2, reidentified, replication_scores
 from lethe.files import content_hash, fingerprint
 from lethe.paths import CALIBRATION, FEATURES, FEATURIZER
 
@@ -161,8 +161,43 @@ class TrainingSet:
         file = cache / f"{features_key(pixels, cfg)}.safetensors"
         return cls(pixels, cached_tensor(file, lambda: featurize(pixels)), featurize, criteria(cfg, calibrated))
 
-    def replication(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return replication_scores(self.featurize(images), self.features, images, self.pixels, self.criteria)
+    def replication(self, images: torch.Tensor, own: list[int] | None = None,
+                    pictures: "Pictures | None" = None) -> dict[str, torch.Tensor]:
+        """The replication scores of each image; with `own` (per image, the record id of the picture whose
+        caption made its prompt) and `pictures`, also `reidentified` and `own_rel_l2` (replication.py)."""
+        features = self.featurize(images)
+        scores = replication_scores(features, self.features, images, self.pixels, self.criteria)
+        if own is not None and pictures is not None:
+            rows = pictures.rows(own)
+            scores["reidentified"] = reidentified(features, pictures.features, rows, self.criteria.chunk_size)
+            scores["own_rel_l2"] = own_relative_l2(images, pictures.pixels[rows], scores["rel_l2_scale"])
+        return scores
+
+
+@dataclass
+class Pictures:
+    """One image per target and per holdout picture (`PreparedData.pictures`, the prompts' own pictures) with
+    its features in the replication feature space: the candidates re-identification chooses among."""
+
+    ids: list[int]
+    pixels: torch.Tensor
+    features: torch.Tensor
+
+    @classmethod
+    def load(cls, data: PreparedData, training: TrainingSet, cfg: EvaluateConfig, cache: Path = FEATURES) -> "Pictures":
+        ids = [r.id for split in ("target", "holdout") for r in data.pictures(split)]
+        pixels = data.tensor(ids)
+        file = cache / f"{features_key(pixels, cfg)}.safetensors"  # computed once, as the training set's
+        return cls(ids, pixels, cached_tensor(file, lambda: training.featurize(pixels)))
+
+    def rows(self, ids: list[int]) -> torch.Tensor:
+        """The rows of these record ids (each a target or holdout picture)."""
+        row = {id_: i for i, id_ in enumerate(self.ids)}
+        missing = sorted({i for i in ids if i not in row})
+        if missing:
+            raise LetheError(f"records {missing[:5]} are not target or holdout pictures; their prompts have no own "
+                             "picture to re-identify")
+        return torch.tensor([row[i] for i in ids], dtype=torch.long)
 
 
 def features_key(pixels: torch.Tensor, cfg: EvaluateConfig) -> str:

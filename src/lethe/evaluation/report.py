@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+import markdown
 import matplotlib
 import numpy as np
 
@@ -14,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lethe.evaluation.intervals import HIGH, LOW, change_key, mean_of, paired, per_prompt  # noqa: E402
+from lethe.evaluation.runs import FAMILY, combine  # noqa: E402
 from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
@@ -21,7 +23,11 @@ from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METR
 # and marked * where its difference's interval excludes 0.
 COLUMNS = (
     ("replication rate (dup)", "replication/rate/dup"),
-    ("dup rate vs baseline", "vs_baseline/replication_rate_dup"),
+    ("dup rate vs baseline", "vs_baseline/replication_rate_dup/diff"),
+    ("re-identified (dup)", "replication/reid_rate/dup"),
+    ("re-identified vs baseline", "vs_baseline/replication_reid_rate_dup/diff"),
+    ("re-identified (holdout: chance)", "replication/reid_rate/holdout"),
+    ("own rel. L2 (dup)", "replication/own_rel_l2/dup"),
     ("replication rate (unique)", "replication/rate/unique"),
     ("replication rate (holdout)", "replication/rate/holdout"),
     ("FD (holdout)", "quality/fd/holdout"),
@@ -119,9 +125,11 @@ def markdown_table(metrics: dict[str, dict[str, float]], mechanisms: dict[str, s
     return "\n".join(lines) + "\n"
 
 
-def against_controls(pairs: list[tuple[str, str]], outcomes: dict[str, dict], resamples: int) -> list[dict]:
+def against_controls(pairs: list[tuple[str, str]], outcomes: dict[str, dict], resamples: int, run_sd: float = 0.0,
+                     runs: int = 0) -> list[dict]:
     """Each method against its control, paired on the same prompts and seeds: the dup prompts'
-    replication rate of both and the difference method − control, bootstrapped over prompts.
+    replication rate of both and the difference method − control, bootstrapped over prompts, its interval
+    widened by two training runs' noise where the baseline's replicates measured it (`run_sd` over `runs`).
     `pairs`: (method, control); `outcomes`: each variant's per-generation outcomes (load_outcomes)."""
     rows = []
     for method, control in pairs:
@@ -134,10 +142,12 @@ def against_controls(pairs: list[tuple[str, str]], outcomes: dict[str, dict], re
         rate = {v: mean_of(per_prompt(o["copied"], k)) for v, o in ((method, ours), (control, theirs))}
         change = paired("x", rate[method], rate[control], n_prompts, resamples)
         diff = change_key("x") + "/diff"
+        low, high = change[f"{diff}/{LOW}"], change[f"{diff}/{HIGH}"]
+        if runs > 1:
+            low, high, _ = combine(change[diff], low, high, run_sd, runs, n_prompts)
         rows.append({"method": method, "control": control, "method_rate": rate[method](np.arange(n_prompts)),
-                     "control_rate": rate[control](np.arange(n_prompts)), "diff": change[diff],
-                     "low": change[f"{diff}/{LOW}"], "high": change[f"{diff}/{HIGH}"],
-                     "significant": change[change_key("x") + "/significant"]})
+                     "control_rate": rate[control](np.arange(n_prompts)), "diff": change[diff], "low": low,
+                     "high": high, "significant": float(np.sign(low)) if np.sign(low) == np.sign(high) else 0.0})
     return rows
 
 
@@ -148,9 +158,9 @@ def controls_section(rows: list[dict]) -> str:
     lines = ["## Each mechanism against its control\n",
              "Dup prompts' replication rate of a method and of its control (the same share of samples skipped at "
              "random, or the method without its mechanism), paired on the same prompts and seeds; * marks a "
-             "difference whose interval excludes 0. The interval resamples prompts of one training run of each: "
-             "it leaves out how much another training seed would move either. Without *, the mechanism buys "
-             "nothing measurable here beyond what its control does.\n",
+             "difference whose interval excludes 0. The interval resamples prompts and adds two training runs' "
+             "noise where the baseline's A/A replicates measured it. Without *, the "
+             "mechanism buys nothing measurable here beyond what its control does.\n",
              "| method | control | method's rate | control's rate | method − control |", "|---|---|---|---|---|"]
     for r in rows:
         if r.get("unpaired"):
@@ -162,10 +172,47 @@ def controls_section(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+# the endpoints of the A/A rows: (title, change key judged by its difference)
+AA_ENDPOINTS = (("dup rate (copy)", "vs_baseline/replication_rate_dup/diff"),
+                ("dup rate (re-identification)", "vs_baseline/replication_reid_rate_dup/diff"),
+                ("dup own rel. L2", "vs_baseline/replication_own_rel_l2_dup/diff"),
+                ("holdout rate (copy)", "vs_baseline/replication_rate_holdout/diff"),
+                ("FD (holdout)", "vs_baseline/quality_fd_holdout/diff"),
+                ("KID (holdout)", "vs_baseline/quality_kid_holdout/diff"),
+                ("prompt accuracy (holdout)", "vs_baseline/quality_prompt_accuracy_holdout/diff"))
+
+
+def aa_section(replicates: dict[str, dict[str, float]]) -> str:
+    """The baseline against itself at other training seeds, through the procedure every variant goes
+    through: what it marks here are its false alarms (at most its nominal 5% of the comparisons)."""
+    if not replicates:
+        return ""
+    shown = [(title, key) for title, key in AA_ENDPOINTS if any(key in m for m in replicates.values())]
+    lines = ["## A/A: the baseline against itself at other training seeds\n",
+             "Each replicate is the baseline fine-tuned again at `finetune.seed` + r, compared with the baseline "
+             "exactly as a variant is (paired prompts and generation seeds, prompt bootstrap plus training-run "
+             "noise). A * here is a false alarm of the procedure.\n",
+             "| replicate | " + " | ".join(title for title, _ in shown) + " |", "|---|" + "---|" * len(shown)]
+    marked = total = 0
+    for variant, values in replicates.items():
+        cells = []
+        for _, key in shown:
+            cells.append(_cell(values.get(key), key, values))
+            if values.get(key) is not None:
+                total += 1
+                marked += bool(significance(values, key))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines.append(f"\n{marked} of {total} A/A comparisons marked * (nominal: at most 5%, {0.05 * total:.1f} expected).\n")
+    return "\n".join(lines) + "\n"
+
+
 LEGEND = ("Each figure is followed by its 95% interval, bootstrapped over prompts (a prompt's generations drawn "
-          "together). A change against the baseline is paired: the same prompts and seeds, the difference itself "
-          "bootstrapped; * marks a change whose interval excludes 0 (significant at 5%). A change without * is "
-          "inside the noise of this many prompts.")
+          "together). A change against the baseline is paired (the same prompts, generation seeds and training "
+          "seed) and its interval also carries training-run noise: the spread of the figure over the baseline's "
+          "A/A replicates, trained again at other seeds, with a small-sample t quantile (docs/statistics.md). "
+          "* marks a change whose interval excludes 0; on the dup replication rates (copy and re-identification) "
+          "after Holm's control across the variants, elsewhere at 5% each. A change without * is inside the "
+          "noise of these prompts and training runs.")
 
 
 def html_page(metrics: dict[str, dict[str, float]], sections_markdown: str, galleries: dict[str, str],
@@ -197,27 +244,39 @@ tr > th:first-child, .what {{ text-align: left; }}
 td.good {{ background: #e3f4e1; }} td.bad {{ background: #fbe3e1; }}
 figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
 figure img {{ max-width: 560px; border: 1px solid #ddd; }}
-pre {{ white-space: pre-wrap; font-size: 0.8rem; background: #f6f6f6; padding: 0.8rem; }}
+.scroll {{ max-width: 100%; overflow-x: auto; }}
+.sections table {{ margin: 0.5rem 0 1rem; }}
+.sections td:first-child {{ text-align: left; }}
+p, li {{ max-width: 70rem; }}
 </style></head><body>
 <h1>lethe: variants compared</h1>
 <p>{html.escape(LEGEND)} Green: a significant improvement; red: a significant loss.</p>
 <p>Every run in MLflow: with <code>mlflow ui</code> running, open <code>http://127.0.0.1:5000/{html.escape(mlflow_runs)}</code>
 (the experiment's training runs).</p>
-<div style="overflow-x:auto"><table><tr><th>variant</th><th class='what'>mechanism</th>{head}</tr>{"".join(rows)}</table></div>
+<div class="scroll"><table><tr><th>variant</th><th class='what'>mechanism</th>{head}</tr>{"".join(rows)}</table></div>
 <h2>Memorization against quality</h2>
 <img src="tradeoff.png" alt="dup replication rate against FD, with intervals">
 <h2>Champion policy</h2>
-<p>Champion: <b>{html.escape(champion or "none yet")}</b>. A variant qualifies when its dup replication falls
-significantly and its quality loss is not significantly beyond the registry's tolerances; the lowest dup
-rate among the qualified wins, a tie going to the lower FD.</p>
+<p>Champion: <b>{html.escape(champion or "none yet")}</b>. A variant qualifies when its reduction of the dup rate
+under the registry's criterion (<code>registry.criterion</code>: re-identification or copies) is significant after
+Holm's control, the worse end of each quality interval (FD's upper bound, prompt accuracy's lower bound) is within
+the registry's tolerances, and every figure is there (a missing one refuses). Among the qualified, the lowest upper
+bound of the reduction wins, then the lowest FD upper bound, then the highest accuracy lower bound. When none
+qualifies, the baseline stays champion and its line says what would decide.</p>
 <ul>{verdicts or "<li>no baseline metrics: nothing to compare with</li>"}</ul>
-<h2>Controls, detection, calibration, data</h2>
-<pre>{html.escape(sections_markdown)}</pre>
+<div class="sections">{sections_html(sections_markdown)}</div>
 <h2>Galleries</h2>
 <p>Each generation beside its nearest training images, with its replication scores.</p>
 {pictures}
 </body></html>
 """
+
+
+def sections_html(sections_markdown: str) -> str:
+    """The Markdown sections (controls, detection, NeMo, MemControl, data, calibration, provenance) as HTML,
+    each table in its own scrolling box."""
+    body = markdown.markdown(sections_markdown, extensions=["tables"], output_format="html")
+    return body.replace("<table>", "<div class='scroll'><table>").replace("</table>", "</table></div>")
 
 
 def tradeoff_points(metrics: dict[str, dict[str, float]]) -> list[dict]:
@@ -227,22 +286,53 @@ def tradeoff_points(metrics: dict[str, dict[str, float]]) -> list[dict]:
 
 
 def tradeoff_png(points: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for p in points:
-        if p["fd"] is None or p["replication_rate"] is None:
-            continue
+    fig, ax = plt.subplots(figsize=(8, 6))
+    shown = [p for p in points if p["fd"] is not None and p["replication_rate"] is not None]
+    for p in shown:
         error = {}
         if p.get("fd_low") is not None and p.get("replication_rate_low") is not None:
             error = {"xerr": [[p["fd"] - p["fd_low"]], [p["fd_high"] - p["fd"]]],
                      "yerr": [[p["replication_rate"] - p["replication_rate_low"]], [p["replication_rate_high"] - p["replication_rate"]]]}
         ax.errorbar(p["fd"], p["replication_rate"], fmt="o", capsize=2, elinewidth=0.8, **error)
-        ax.annotate(p["variant"], (p["fd"], p["replication_rate"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("FD, holdout prompts (lower is better)")
     ax.set_ylabel("replication rate, dup prompts (lower is better)")
     ax.set_title("memorization against quality (95% intervals)")
     fig.tight_layout()
+    label_points(ax, [(p["fd"], p["replication_rate"], p["variant"]) for p in shown])
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def label_points(ax, points: list[tuple[float, float, str]], step: float = 4.0) -> None:
+    """Name each point with a label that overlaps no other label and no point: each label takes the free
+    place nearest its point, on a grid over the axes, with a leader line when it sits away from it."""
+    figure = ax.figure
+    renderer = figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    width, height = figure.bbox.width, figure.bbox.height
+    centres = [ax.transData.transform((x, y)) for x, y, _ in points]
+    taken = [(px - 4, py - 4, px + 4, py + 4) for px, py in centres]
+    gx, gy = np.meshgrid(np.arange(frame.x0 + 2, frame.x1 - 2, step), np.arange(frame.y0 + 2, frame.y1 - 2, step))
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))
+    for i in order:
+        x, y, name = points[i]
+        px, py = centres[i]
+        probe = ax.text(0, 0, name, fontsize=8)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = extent.width + 2, extent.height + 2
+        free = (gx + w <= frame.x1 - 2) & (gy + h <= frame.y1 - 2)
+        for x0, y0, x1, y1 in taken:
+            free &= ~((gx < x1) & (gx + w > x0) & (gy < y1) & (gy + h > y0))
+        distance = np.where(free, np.hypot(gx + w / 2 - px, gy + h / 2 - py), np.inf)
+        if not np.isfinite(distance.min()):
+            continue  # no free place left: the point keeps no label rather than one over another
+        row, col = np.unravel_index(distance.argmin(), distance.shape)
+        left, bottom = gx[row, col], gy[row, col]
+        ax.annotate(name, (x, y), xytext=((left + w / 2) / width, (bottom + h / 2) / height),
+                    textcoords="figure fraction", fontsize=8, ha="center", va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if distance.min() > h else None)
+        taken.append((left, bottom, left + w, bottom + h))
 
 
 DETECTION_SCORES = ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim")
@@ -290,11 +380,17 @@ def data_section(data: Path = DATA_METRICS, calibration: Path = CALIBRATION) -> 
     if calibration.exists():
         c = json.loads(calibration.read_text())
         lines += ["", "## Calibrated replication thresholds", "",
-                  f"From {c['calibration/holdout_images']:.0f} holdout images (real, never trained on) scored against the "
-                  f"training set; each threshold flags {c['calibration/fpr_target']:.0%} of them.", "",
-                  "| criterion | calibrated threshold | holdout FPR | published threshold | its holdout FPR |",
-                  "|---|---|---|---|---|"]
+                  f"Each threshold flags {c['calibration/fpr_target']:.0%} of {c['calibration/calibration_images']:.0f} "
+                  f"holdout images (real, never trained on) scored against the training set. Its false-positive rate "
+                  f"is measured where it was not set: on the other {c['calibration/heldout_images']:.0f} holdout images, "
+                  f"and on {c['calibration/generation_null_images']:.0f} generations of the pretrained model (which never "
+                  "saw the target pictures) for target captions, the generation null. Exact 95% intervals.", "",
+                  "| criterion | calibrated threshold | held-out FPR | generation null | published threshold | its holdout FPR |",
+                  "|---|---|---|---|---|---|"]
         for name in ("sim", "nn_ratio", "rel_l2"):
-            lines.append(f"| {name} | {c[f'calibration/{name}/threshold']:.3f} | {c[f'calibration/{name}/holdout_fpr']:.3f} | "
-                         f"{c[f'calibration/{name}/published_threshold']:.3f} | {c[f'calibration/{name}/published_holdout_fpr']:.3f} |")
+            key = f"calibration/{name}"
+            lines.append(f"| {name} | {c[f'{key}/threshold']:.3f} | {_cell(c.get(f'{key}/heldout_fpr'), f'{key}/heldout_fpr', c)} | "
+                         f"{_cell(c.get(f'{key}/generation_null_rate'), f'{key}/generation_null_rate', c)} | "
+                         f"{c[f'{key}/published_threshold']:.3f} | "
+                         f"{_cell(c.get(f'{key}/published_holdout_fpr'), f'{key}/published_holdout_fpr', c)} |")
     return "\n".join(lines) + "\n" if lines else ""

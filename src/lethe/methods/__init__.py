@@ -9,7 +9,7 @@ from __future__ import annotations
 from lethe.declarations import InferenceMitigation, TrainingMethod
 from lethe.errors import LetheError
 from lethe.methods import (
-    baseline, iet, ietagc, ietagc_plus, loyal, memattn, memattn_filter, memcontrol, nemo, random_caption, random_skip,
+    baseline, baseline_seed1, baseline_seed2, baseline_seed3, iet, ietagc, ietagc_plus, loyal, memattn, memattn_filter, memcontrol, nemo, random_caption, random_skip,
     random_skip_ietagc, random_skip_ietagc_plus, random_skip_memattn_filter, raunet, wen_filter, wen_inference,
 )
 
@@ -29,6 +29,9 @@ TRAINING: dict[str, TrainingMethod] = {m.name: m for m in (
     random_skip_ietagc.METHOD,
     random_skip_ietagc_plus.METHOD,
     random_skip_memattn_filter.METHOD,
+    baseline_seed1.METHOD,
+    baseline_seed2.METHOD,
+    baseline_seed3.METHOD,
 )}
 
 # the baseline with an inference-time mitigation: `mitigate@<name>`, or `localize` for NeMo's pruning
@@ -40,6 +43,8 @@ INFERENCE: dict[str, InferenceMitigation] = {m.name: m for m in (
 
 METHODS = tuple(TRAINING)
 VARIANTS = METHODS + tuple(INFERENCE)  # what evaluate, report and register take
+REPLICATES = tuple(name for name, m in TRAINING.items() if m.seed_offset)  # the baseline's A/A replicates
+CANDIDATES = tuple(v for v in VARIANTS if v not in REPLICATES)  # what the registry may promote
 MITIGATE = tuple(name for name, m in INFERENCE.items() if m.stage == "mitigate")
 
 

@@ -7,7 +7,10 @@ Two ways in:
   a model a user brings (a lethe model, a diffusers pipeline, or one plus LoRA weights) and the image
   folder it was fine-tuned on (`metadata.jsonl` with `file_name` and `text`).
 
-The algorithm is in `lethe.memorization.audit`. Writes `reports/audit/<name>/` (`audit.json`, `index.html`,
+The algorithm is in `lethe.memorization.audit`. An audit of a variant states, beside its own guarantee,
+the pipeline's generation null from `metrics/calibration.json` (`lethe calibrate`: the pretrained model's
+generations for the target captions, which copy none of them, and the share its calibrated relative-L2
+threshold flags); a model a user brings has none. Writes `reports/audit/<name>/` (`audit.json`, `index.html`,
 `risk.png`) and `reports/audit/<name>.json` (the summary), and logs the run `audit@<name>` to MLflow.
 Generations are kept per batch under `.lethe/audit/<name>/`, so a killed audit resumes where it stopped.
 """
@@ -29,7 +32,7 @@ from lethe.memorization.audit import (
     Judged, calibrated_threshold, generation_rate, reproduced_share, select, share_with_interval,
 )
 from lethe.memorization.replication import Criteria, pixel_scores
-from lethe.paths import AUDIT_CACHE, DATA, REGISTRY, audit_dir, audit_summary, model_dir
+from lethe.paths import AUDIT_CACHE, CALIBRATION, DATA, REGISTRY, audit_dir, audit_summary, model_dir
 from lethe.progress import progress
 
 
@@ -66,6 +69,22 @@ def pipeline_images() -> TrainingImages:
     return TrainingImages(data.tensor([r.id for r in target]), [r.caption for r in target], [r.source for r in target],
                           data.tensor([r.id for r in data.pictures("holdout")]), f"{DATA} (target split)",
                           np.array([r.dup_count > 1 for r in target]))
+
+
+def generation_null(variant: str | None) -> dict[str, float] | None:
+    """For a variant of this pipeline, the generation null `lethe calibrate` measured (relative L2, the
+    audit's criterion): its rate with the exact 95% interval, the number of null generations, and the
+    threshold and holdout share it was measured at. None for a model a user brought (no model known never
+    to have seen its images generated for its captions), or when `metrics/calibration.json` holds no null."""
+    if variant is None or not CALIBRATION.exists():
+        return None
+    c = json.loads(CALIBRATION.read_text())
+    key = "calibration/rel_l2/generation_null_rate"
+    if c.get(key) is None:  # never measured, or no null generations (NaN, written as null)
+        return None
+    return {"rate": c[key], "ci_low": c[f"{key}/ci_low"], "ci_high": c[f"{key}/ci_high"],
+            "images": c["calibration/generation_null_images"], "threshold": c["calibration/rel_l2/threshold"],
+            "fpr_target": c["calibration/fpr_target"]}
 
 
 def folder_images(folder: str, holdout: str | None, resolution: int, channels: int) -> TrainingImages:
@@ -257,7 +276,8 @@ def audit(params: Params, target: str | None = None, model_path: str | None = No
                        "selected": chosen.get(i, "no"), "generations": int(made.generations[i]),
                        "copies": int(made.copies[i])} for i, p in enumerate(prompts)]
     summary = {"name": name, "model": model_path, "lora": lora, "variant": variant, "images": data.source,
-               "mode": mode, "fpr": cfg.fpr, "inference": sorted(model.spec.inference), "metrics": metrics}
+               "mode": mode, "fpr": cfg.fpr, "inference": sorted(model.spec.inference), "metrics": metrics,
+               "generation_null": generation_null(variant)}
     ranked = sorted(range(len(entries)), key=lambda i: -entries[i]["risk"])
     with atomic_dir(audit_dir(name)) as tmp:
         write_json(tmp / "audit.json", {**summary, "training_images": entries, "prompts": prompt_entries})

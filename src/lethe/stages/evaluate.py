@@ -19,16 +19,20 @@ from lethe.devices import inference_device
 from lethe.errors import LetheError
 from lethe.evaluation.clip_score import load_clip_score
 from lethe.evaluation.featurizer import prompt_correct
-from lethe.evaluation.figures import group_figures, paired_figures, statistics
+from lethe.evaluation.figures import group_figures, headline, paired_figures, statistics
 from lethe.evaluation.gallery import save_gallery
-from lethe.evaluation.metrics import FeatureDistances, TrainingSet, generation_plan, prompt_diversity, quality_features
+from lethe.evaluation.metrics import (FeatureDistances, Pictures, TrainingSet, generation_plan, prompt_diversity,
+                                     quality_features)
 from lethe.files import atomic_dir, content_hash, load_outcomes, save_outcomes, write_json
 from lethe.models.diffusion_model import build_scheduler, load_model
-from lethe.paths import DATA, REPORTS, model_dir, outcomes_file, train_metrics_file, variant_metrics_file
+from lethe.paths import DATA, REPORTS, headline_metrics_file, model_dir, outcomes_file, train_metrics_file, variant_metrics_file
 from lethe.sampling import generate, save_grid
 from lethe.tracking import stage_run
 
 BASELINE = "baseline"
+# per-generation arrays every outcomes file holds: a baseline's file without one was written by an older lethe
+OUTCOMES = ("prompts", "features", "sim", "diversity", "copied", "sim_copied", "nn_ratio_copied", "rel_l2_copied",
+            "gu_copied", "reidentified", "own_rel_l2")
 
 
 def evaluate(params: Params, variant: str) -> dict[str, float]:
@@ -40,10 +44,13 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
             raise LetheError(f"{outcomes_file(BASELINE)}: missing; run `dvc repro evaluate@baseline` first "
                              "(every variant is compared with the baseline on the same prompts)")
         baseline = load_outcomes(outcomes_file(BASELINE))
+        for theirs in baseline.values():  # before an hour of generation, not after
+            require_complete(theirs)
     model = load_model(model_dir(variant))
     scheduler = build_scheduler(model, params.diffusion)
     model.to(inference_device())
     training = TrainingSet.load(data, cfg)
+    pictures = Pictures.load(data, training, cfg)  # re-identification's candidates: every target and holdout picture
     holdout_pixels = data.tensor([r.id for r in data.pictures("holdout")])
     featurizer = quality_features(cfg, holdout_pixels, training.featurize)
     with torch.no_grad():
@@ -62,13 +69,14 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
         images = generate(model, scheduler, prompts, seeds, params.sample, label=f"evaluate {variant}: {group}")
         generated_seconds += time.perf_counter() - started
         generated_count += len(images)
-        scores = training.replication(images)
+        scores = training.replication(images, [r.id for r in records for _ in range(k)], pictures)
         with torch.no_grad():
             features = featurizer(images)
             o = {"prompts": np.array(prompts), "features": features.double().numpy(),
                  "sim": scores["sim"].numpy(), "diversity": prompt_diversity(features, k).numpy(),
+                 "own_rel_l2": scores["own_rel_l2"].numpy(),
                  **{flag: scores[flag].numpy() for flag in ("copied", "sim_copied", "nn_ratio_copied",
-                                                           "rel_l2_copied", "gu_copied")}}
+                                                           "rel_l2_copied", "gu_copied", "reidentified")}}
             correct = prompt_correct(featurizer, images, [r.label for r in records for _ in range(k)])
             if correct is not None:
                 o["correct"] = correct.numpy()
@@ -100,13 +108,25 @@ def evaluate(params: Params, variant: str) -> dict[str, float]:
     outcomes_file(variant).parent.mkdir(parents=True, exist_ok=True)
     save_outcomes(outcomes_file(variant), outcomes)
     write_json(variant_metrics_file(variant), metrics)
+    write_json(headline_metrics_file(variant), headline(metrics))
     return metrics
 
 
 def paired_with(baseline: dict[str, dict[str, np.ndarray]], group: str, outcomes: dict[str, np.ndarray]):
-    """The baseline's outcomes of this group, checked to be for the same prompts in the same order."""
+    """The baseline's outcomes of this group, checked to be for the same prompts in the same order and to hold
+    every per-generation array (OUTCOMES) this lethe pairs."""
     theirs = baseline.get(group)
+    if theirs is not None:
+        require_complete(theirs)
     if theirs is None or theirs["prompts"].tolist() != outcomes["prompts"].tolist():
         raise LetheError(f"{outcomes_file(BASELINE)}: the baseline was evaluated on other '{group}' prompts; "
                          "run `dvc repro evaluate@baseline` again")
     return theirs
+
+
+def require_complete(theirs: dict[str, np.ndarray]) -> None:
+    """A baseline's group outcomes hold every OUTCOMES array, or the one line that says to re-run it."""
+    missing = [name for name in OUTCOMES if name not in theirs]
+    if missing:
+        raise LetheError(f"{outcomes_file(BASELINE)}: written by an older lethe (no {', '.join(missing)}); "
+                         "run `dvc repro evaluate@baseline` again")

@@ -1,4 +1,4 @@
-"""`lethe register`: every variant registered as a version of one MLflow model, tagged with its metrics;
+"""`lethe register`: every variant (not the baseline's A/A replicates) registered as a version of one MLflow model, tagged with its metrics;
 the `baseline` and `champion` aliases moved (the policy is in `lethe.registry`)."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import mlflow
 
 from lethe.files import variant_metrics, write_json
-from lethe.methods import VARIANTS
+from lethe.evaluation.runs import with_run_noise
+from lethe.methods import CANDIDATES, REPLICATES, VARIANTS
 from lethe.paths import REGISTRY, model_dir
 from lethe.pyfunc import log_pyfunc
 from lethe.registry import choose_champion, existing_version, model_hash
@@ -16,11 +17,13 @@ from lethe.tracking import stage_run
 def register(params) -> dict[str, str]:
     """Register every variant, tag it with its metrics, move `baseline` and `champion`."""
     cfg = params.registry
-    metrics = variant_metrics(VARIANTS)
+    # the A/A replicates measure training-run noise, which every candidate's intervals then carry
+    measured = with_run_noise(variant_metrics(VARIANTS), "baseline", REPLICATES)
+    metrics = {v: measured[v] for v in CANDIDATES}
     versions = {}
     with stage_run(params, stage="register", method="register", sections=("registry",), data_hash=""):
         client = mlflow.MlflowClient()
-        for variant in VARIANTS:
+        for variant in CANDIDATES:
             directory = model_dir(variant)
             packaged = model_hash(directory, params)
             version = existing_version(client, cfg.model_name, packaged)

@@ -14,6 +14,9 @@ from lethe.stages.fitting import train_and_save
 
 def train(params: Params, method: str) -> dict:
     declared = training_method(method)
+    if declared.seed_offset:  # an A/A replicate: the same fine-tuning, another training seed
+        finetune = params.finetune.model_copy(update={"seed": params.finetune.seed + declared.seed_offset})
+        params = params.model_copy(update={"finetune": finetune})
     data = PreparedData.load(DATA)
     model = load_model(PRETRAINED)
     # a method's new weights (RAU-Net's transfer blocks, LoRA adapters) are drawn before fit() seeds: seed
