@@ -1,11 +1,10 @@
-"""Intervals, paired comparisons and calibrated thresholds on worked numbers."""
+"""Intervals and paired comparisons on worked numbers (calibrated thresholds: tests/test_calibration.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 from lethe.evaluation.intervals import interval, mean_of, paired, per_prompt, with_intervals
-from lethe.memorization.calibration import calibrate, flagged, threshold_at
 
 
 def test_a_constant_has_no_width_and_a_coin_has_the_textbook_width():
@@ -52,21 +51,6 @@ def test_draws_with_one_class_only_are_left_out():
     assert out["auc"] == 1.0 and out["auc/ci_low"] == 1.0
 
 
-def test_a_calibrated_threshold_flags_its_target_share_of_the_holdout_images():
-    rng = np.random.default_rng(1)
-    holdout = {"rel_l2": torch.from_numpy(rng.random(200)), "nn_ratio": torch.from_numpy(rng.random(200)),
-               "sim": torch.from_numpy(rng.random(200))}
-    c = calibrate(holdout, 0.05, {"sim": 0.5, "nn_ratio": 1 / 3, "rel_l2": 0.5})
-    for name in ("sim", "nn_ratio", "rel_l2"):
-        assert c[f"calibration/{name}/holdout_fpr"] == 0.05  # exactly 10 of 200
-    assert c["calibration/nn_ratio/published_holdout_fpr"] == pytest.approx((holdout["nn_ratio"] < 1 / 3).double().mean().item())
-    # worked: ten scores, 20% -> the two smallest are below the threshold (the third smallest)
-    scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4, 1.0])
-    assert threshold_at(scores, 0.2, below=True) == pytest.approx(0.3)
-    assert flagged(scores, 0.3, below=True).sum() == 2
-    assert threshold_at(scores, 0.2, below=False) == pytest.approx(0.8) and flagged(scores, 0.8, below=False).sum() == 2
-
-
 def test_fd_intervals_by_halves_hold_the_point_and_the_bootstrap_would_not():
     from lethe.evaluation.figures import statistics
     from lethe.evaluation.metrics import FeatureDistances
@@ -98,13 +82,47 @@ def test_kid_is_torchmetrics_unbiased_mmd_on_the_same_subsets():
     assert distances.kernel(fake) > 0 and distances.kernel(fake) > distances.kernel(same)  # shifted: farther
 
 
-def test_a_set_statistic_is_judged_on_the_interval_of_its_relative_change():
-    # FD on a half of the prompts is inflated by a factor that depends on the half, for both models alike:
-    # the difference swings with it and its centred interval reaches 0; the ratio stays at +50%
-    def base_fd(rows):
-        return 10.0 * (1 + 4 * ((rows * 7919).sum() % 101) / 100) * (2 if len(rows) < 40 else 1)
+def test_a_set_statistic_is_bias_corrected_and_judged_on_its_difference():
+    # a set statistic inflated by an additive c / (prompts drawn), c larger for the variant (a less diverse
+    # model's FD is biased differently): on all 40 prompts the plain difference is 0.5 + 2, on a half 0.5 + 4;
+    # the jackknife's correction, 2 x all - mean of halves, takes the bias out of each model and the difference
+    rng = np.random.default_rng(0)
+    base_values = rng.normal(10.0, 1.0, 40)
+    variant_values = base_values + 0.5 + rng.normal(0.0, 0.2, 40)
 
-    out = paired("quality/fd/holdout", lambda rows: 1.5 * base_fd(rows), base_fd, 40, 200, method="halves")
-    assert out["vs_baseline/quality_fd_holdout/diff/ci_low"] < 0 < out["vs_baseline/quality_fd_holdout/ci_low"]
-    assert out["vs_baseline/quality_fd_holdout"] == pytest.approx(0.5)
-    assert out["vs_baseline/quality_fd_holdout/significant"] == 1.0
+    def base(rows):
+        return base_values[rows].mean() + 40 / len(rows)
+
+    def variant(rows):
+        return variant_values[rows].mean() + 120 / len(rows)
+
+    out = paired("quality/fd/holdout", variant, base, 40, 400, method="halves")
+    name = "vs_baseline/quality_fd_holdout"
+    truth = variant_values.mean() - base_values.mean()
+    assert variant(np.arange(40)) - base(np.arange(40)) == pytest.approx(truth + 2)
+    assert out[f"{name}/diff"] == pytest.approx(truth, abs=0.02)
+    assert out[f"{name}/diff/ci_low"] < truth < out[f"{name}/diff/ci_high"] and out[f"{name}/diff/ci_low"] > 0
+    assert out[f"{name}/significant"] == 1.0 and out[f"{name}/diff/p"] == pytest.approx(1 / 401)
+    # the relative change is the corrected figures' ratio, its interval on the same halves
+    fd, _, _ = interval(base, 40, 400, method="halves")
+    assert fd == pytest.approx(base_values.mean(), abs=0.02)
+    assert out[name] == pytest.approx(out[f"{name}/diff"] / fd)
+    assert 0 < out[f"{name}/ci_low"] < out[name] < out[f"{name}/ci_high"]
+
+
+def test_the_p_value_of_a_bootstrapped_difference_on_worked_cases():
+    from lethe.evaluation.intervals import p_value, resamples
+
+    # three prompts whose differences are +1, +1, -1: a draw's mean is <= 0 when two or three of its three
+    # prompts are the third (7/27), never exactly 0, so p = 2 x 7/27
+    diffs = np.array([1.0, 1.0, -1.0])
+    out = paired("x", mean_of(diffs), mean_of(np.zeros(3)), 3, 4000)
+    draws = diffs[resamples(3, 4000)].mean(1)
+    assert out["vs_baseline/x/diff/p"] == pytest.approx(2 * np.mean(draws <= 0))
+    assert out["vs_baseline/x/diff/p"] == pytest.approx(14 / 27, abs=0.04)
+    assert p_value(np.array([-1.0, 0.0, 2.0, 3.0])) == 1.0  # 2 x min(2/4, 3/4), 0 on both sides
+    assert p_value(np.array([1.0, 2.0, 3.0])) == 0.25  # no draw at or below 0: 1 / (3 + 1)
+    assert p_value(np.array([-1.0] + [1.0] * 9)) == pytest.approx(0.2)
+    assert np.isnan(p_value(np.array([np.nan])))
+    same = paired("x", mean_of(diffs), mean_of(diffs), 3, 100)  # no difference in any draw
+    assert same["vs_baseline/x/diff/p"] == 1.0 and same["vs_baseline/x/significant"] == 0.0

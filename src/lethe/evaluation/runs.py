@@ -108,8 +108,12 @@ def _combined(values: dict[str, float], figure: str, sd: float, runs: int, base_
     out = {f"{diff}/prompt_{LOW}": values[f"{diff}/{LOW}"], f"{diff}/prompt_{HIGH}": values[f"{diff}/{HIGH}"],
            f"{diff}/{LOW}": low, f"{diff}/{HIGH}": high, f"{diff}/p": p, f"{name}/significant": sign,
            f"{figure}/run_sd": sd}
-    if base_point:  # the relative change: the difference's interval over the baseline's figure
-        out |= {f"{name}/{LOW}": low / base_point, f"{name}/{HIGH}": high / base_point}
+    if base_point and values.get(f"{name}/{LOW}") is not None and values.get(name) is not None:
+        # the relative change: its own prompt interval (which carries the baseline figure's uncertainty too),
+        # with the run noise on the same scale
+        rel_low, rel_high, _ = combine(values[name], values[f"{name}/{LOW}"], values[f"{name}/{HIGH}"],
+                                       sd / abs(base_point), runs, n_prompts)
+        out |= {f"{name}/{LOW}": rel_low, f"{name}/{HIGH}": rel_high}
     return out
 
 

@@ -1,0 +1,58 @@
+"""Training-run noise in the comparisons, Holm's control, and the A/A rows, on worked numbers."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lethe.evaluation.runs import combine, holm, run_noise, with_run_noise
+
+KEY, CHANGE = "replication/rate/dup", "vs_baseline/replication_rate_dup"
+
+
+def test_without_run_noise_the_interval_is_the_prompts_own():
+    low, high, p = combine(-0.2, -0.3, -0.1, run_sd=0.0, runs=4, n_prompts=10_000)
+    assert (low, high) == pytest.approx((-0.3, -0.1), abs=1e-3) and p < 1e-4
+
+
+def test_run_noise_widens_with_a_small_sample_t_quantile():
+    # prompts alone: se 0.05; two runs' noise: 2 x 0.05^2 from four runs (df 3)
+    low, high, p = combine(-0.2, -0.2 - 1.959964 * 0.05, -0.2 + 1.959964 * 0.05, run_sd=0.05, runs=4, n_prompts=40)
+    se = np.sqrt(0.05 ** 2 + 2 * 0.05 ** 2)
+    df = se ** 4 / (0.05 ** 4 / 39 + (2 * 0.05 ** 2) ** 2 / 3)
+    assert high - low == pytest.approx(2 * stats.t.ppf(0.975, df) * se, rel=1e-6)
+    assert p == pytest.approx(2 * stats.t.sf(0.2 / se, df), rel=1e-6)
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+    rejected = holm({"a": 0.001, "b": 0.02, "c": 0.03, "d": 0.5})
+    # 0.001 <= 0.05/4; 0.02 > 0.05/3: stop, although 0.03 would pass 0.05/2 on its own
+    assert rejected == {"a": True, "b": False, "c": False, "d": False}
+    assert holm({"a": 0.01, "b": 0.02}) == {"a": True, "b": True}
+
+
+def test_the_spread_of_the_baseline_runs_is_each_figures_run_noise():
+    runs = [{KEY: v, f"{KEY}/ci_low": 0.0, "cost/train_seconds": 1.0} for v in (0.6, 0.7, 0.65, 0.55)]
+    assert run_noise(runs) == {KEY: pytest.approx(np.std([0.6, 0.7, 0.65, 0.55], ddof=1))}
+    assert run_noise(runs[:1]) == {}
+
+
+def variant(diff, low, high, point):
+    return {KEY: point, f"{CHANGE}/diff": diff, f"{CHANGE}/diff/ci_low": low, f"{CHANGE}/diff/ci_high": high,
+            f"{CHANGE}/significant": float(np.sign(low)) if np.sign(low) == np.sign(high) else 0.0,
+            "prompts/dup": 40.0}
+
+
+def test_a_star_from_prompts_alone_is_lost_when_a_rerun_moves_as_much():
+    base = {KEY: 0.6, "prompts/dup": 40.0}
+    replicates = {f"baseline_seed{r}": variant(d, d - 0.08, d + 0.08, 0.6 + d) for r, d in ((1, 0.1), (2, -0.1), (3, 0.05))}
+    metrics = {"baseline": base, "small": variant(-0.1, -0.17, -0.03, 0.5), "large": variant(-0.5, -0.6, -0.4, 0.1),
+               **replicates}
+    out = with_run_noise(metrics, "baseline", tuple(replicates))
+    assert metrics["small"][f"{CHANGE}/significant"] == -1.0  # prompts alone: a star
+    assert out["small"][f"{CHANGE}/significant"] == 0.0  # inside what a re-run moves
+    assert out["large"][f"{CHANGE}/significant"] == -1.0 and out["large"][f"{CHANGE}/holm"] == 1.0
+    assert out["small"][f"{CHANGE}/diff/prompt_ci_low"] == -0.17  # the prompt interval is kept beside
+    assert all(out[r][f"{CHANGE}/significant"] == 0.0 for r in replicates)  # no A/A star
+    assert out["baseline"]["runs/measured"] == 4.0
+    alone = with_run_noise({"baseline": base, "small": metrics["small"]}, "baseline", ())
+    assert alone["small"][f"{CHANGE}/significant"] == -1.0 and alone["small"]["runs/measured"] == 0.0
