@@ -23,14 +23,14 @@ RATES = {"rate": "copied", "sim_rate": "sim_copied", "nn_ratio_rate": "nn_ratio_
 # replication/own_rel_l2 is lower for a closer copy: a mitigation shows as a positive change
 PAIRED = ("replication/rate", "replication/reid_rate", "replication/own_rel_l2", "quality/fd", "quality/kid",
           "quality/prompt_accuracy", "quality/clip_score")
-SET_STATISTICS = ("quality/fd", "quality/kid")
+SET_STATISTICS = ("quality/fd", "quality/kid")  # intervals by random halves, not the bootstrap (intervals.py)
 # what `dvc metrics show` lists, one row per variant (metrics/headline/<variant>.json): short names for the
 # figures a reader compares first; every figure with its interval stays in metrics/<variant>.json
 HEADLINE = {"dup_rate": "replication/rate/dup", "dup_change": "vs_baseline/replication_rate_dup/diff",
             "reid_rate": "replication/reid_rate/dup", "reid_change": "vs_baseline/replication_reid_rate_dup/diff",
             "holdout_rate": "replication/rate/holdout", "fd": "quality/fd/holdout",
             "fd_change": "vs_baseline/quality_fd_holdout", "accuracy": "quality/prompt_accuracy/holdout",
-            "accuracy_change": "vs_baseline/quality_prompt_accuracy_holdout/diff"}  # intervals by random halves, not the bootstrap (intervals.py)
+            "accuracy_change": "vs_baseline/quality_prompt_accuracy_holdout/diff"}
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
