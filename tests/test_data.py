@@ -13,10 +13,11 @@ from lethe.errors import LetheError
 
 
 def test_digits_splits_are_disjoint_and_sized():
-    data = prepare(DataConfig())
-    ids = {s: {r.id for r in data.split(s)} for s in ("pretrain", "target", "holdout")}
-    assert len(ids["target"]) == 200 and len(ids["holdout"]) == 200 and len(ids["pretrain"]) == 1797 - 400
-    assert not (ids["target"] & ids["holdout"]) and not (ids["pretrain"] & (ids["target"] | ids["holdout"]))
+    data = prepare(DataConfig(tune_size=100))
+    ids = {s: {r.id for r in data.split(s)} for s in ("pretrain", "target", "holdout", "tune")}
+    assert len(ids["target"]) == 200 and len(ids["holdout"]) == 200 and len(ids["tune"]) == 100
+    assert len(ids["pretrain"]) == 1797 - 500
+    assert all(not (ids[a] & ids[b]) for a in ids for b in ids if a < b)
     assert data.images.shape == (1797, 1, 16, 16) and data.images.dtype == np.uint8
     x = data.tensor(range(10))
     assert x.min() >= -1 and x.max() <= 1 and x.min() == -1  # digits have a black background
@@ -41,18 +42,43 @@ def test_planted_duplicates_only_in_target():
 def test_assign_splits_refuses_too_many():
     with pytest.raises(LetheError, match="data.target_size"):
         assign_splits(np.arange(10), 8, 5, 0.1, 2, 0)
+    with pytest.raises(LetheError, match="data.tune_size"):
+        assign_splits(np.arange(10), 4, 3, 0.5, 2, 0, tune_size=4)
+    with pytest.raises(LetheError, match="data.tune_dup"):  # 2 planted, 2 set aside: none left to judge
+        assign_splits(np.arange(10), 4, 3, 0.5, 2, 0, tune_size=1, tune_dup=2)
+
+
+def test_the_tune_part_is_disjoint_from_everything_judged():
+    """Pictures, captions and generation seeds: what MemControl, select_loyal, NeMo's tau_mem and Wen's target
+    read never meets what evaluate, detect and the audits judge."""
+    from lethe.evaluation.metrics import TUNE_SEEDS, generation_plan
+
+    data = prepare(DataConfig(target_size=100, dup_share=0.4, dup_factor=20, tune_size=100, tune_dup=8))
+    tune, judged = data.tune_groups(1000), data.prompt_groups(1000)
+    assert (len(tune["dup"]), len(tune["holdout"]), len(judged["dup"])) == (8, 100, 32)
+    assert all(r.dup_count > 1 and r.split == "target" for r in tune["dup"])  # trained on, memorized
+    assert all(r.split == "tune" for r in tune["holdout"])  # never trained on
+    tuned = [r for g in tune.values() for r in g]
+    judged_records = [r for g in judged.values() for r in g] + data.split("holdout")
+    assert not {r.group for r in tuned} & {r.group for r in judged_records}
+    assert not {r.caption for r in tuned} & {r.caption for r in judged_records}
+    assert all(r.part == "tune" for r in tuned) and all(r.part == "judge" for r in judged_records)
+    _, judged_seeds = generation_plan([r.caption for r in judged_records], 4)
+    _, tune_seeds = generation_plan([r.caption for r in tuned], 4, TUNE_SEEDS)
+    assert max(judged_seeds) < TUNE_SEEDS <= min(tune_seeds)
+    assert len(data.training_records("target")) == 60 + 40 * 20  # the tune part changes no training sample
 
 
 def test_a_duplicate_group_is_one_unit_of_splitting_and_counts_its_copies():
     groups = np.array([0, 0, 0, 3, 4, 4, 6, 7, 8, 9])  # pictures: {0,1,2}, 3, {4,5}, 6, 7, 8, 9
     for seed in range(20):
-        splits, dup_counts, repeats = assign_splits(groups, 3, 2, 0.0, 5, seed)
+        splits, dup_counts, repeats, _ = assign_splits(groups, 3, 2, 0.0, 5, seed)
         for g in (0, 4):
             assert len({s for s, gg in zip(splits, groups) if gg == g}) == 1
         assert dup_counts[:3] == [3, 3, 3] and dup_counts[4:6] == [2, 2] and repeats == [1] * 10
         assert sum(len({g for g, s in zip(groups, splits) if s == split}) for split in ("target", "holdout")) == 5
     # planted on top of natural copies: trained on copies x factor times
-    splits, dup_counts, repeats = assign_splits(groups, 7, 0, 1.0, 5, 0)
+    splits, dup_counts, repeats, _ = assign_splits(groups, 7, 0, 1.0, 5, 0)
     assert dup_counts[:3] == [15, 15, 15] and repeats[:3] == [5, 5, 5]
 
 

@@ -78,6 +78,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
         assert (repo / path).is_file(), path
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["data/planted_pairs"] == 4 == data["data/dup_prompts"] and data["data/duplicate_groups"] == 0
+    assert (data["data/judged_dup_prompts"], data["data/tune_dup_pictures"], data["data/tune_pictures"]) == (3, 1, 10)
     calibration = json.loads((repo / "metrics/calibration.json").read_text())
     assert calibration["calibration/calibration_images"] == calibration["calibration/heldout_images"] == 20
     for key in ("heldout_fpr", "generation_null_rate"):  # measured on images that did not set the threshold
@@ -89,7 +90,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
     champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
     assert audited["variant"] == champion and (repo / "reports/audit/champion/index.html").is_file()
     summary = json.loads((repo / "reports/audit/baseline.json").read_text())
-    assert summary["audit/images"] == 40 and 0 <= summary["audit/planted_recall"] <= 1  # 40 target pictures, 4 planted
+    # 40 target pictures, 4 planted, 1 of them in the tune part: never audited
+    assert summary["audit/images"] == 39 and 0 <= summary["audit/planted_recall"] <= 1
 
 
 def test_evaluation_metrics_per_group(repo, reproduced):
@@ -123,6 +125,27 @@ def test_evaluation_metrics_per_group(repo, reproduced):
     champion = next(v for v, n in registry["versions"].items() if n == registry["aliases"]["champion"])
     assert f"Champion: <b>{champion}</b>" in page and "evaluate/baseline/gallery.png" in page and "[" in page
     assert "#/experiments/1?workflowType=machine_learning" in page  # opens MLflow on the training runs
+
+
+def test_what_the_tuning_stages_read_is_never_judged(repo, reproduced):
+    """MemControl's study, select_loyal and NeMo's tau_mem record the pictures, captions and seeds they chose
+    on; evaluate's outcomes and detect's scores record what was judged. They never meet."""
+    import numpy as np
+
+    repo, _ = repo
+    read = [json.loads((repo / f"reports/{stage}/prompts.json").read_text()) for stage in ("memcontrol", "loyal", "localize")]
+    tuned_ids = {i for r in read for ids in r["pictures"].values() for i in ids}
+    tuned_captions = {c for r in read for cs in r["captions"].values() for c in cs}
+    assert tuned_ids and all(min(r["seeds"], default=10**6) >= 10**6 for r in read)
+    judged_captions = set()
+    for variant in VARIANTS:
+        with np.load(repo / f"metrics/outcomes/{variant}.npz") as outcomes:
+            judged_captions |= {str(c) for key in outcomes.files if key.endswith("prompts") for c in outcomes[key]}
+    detected = json.loads((repo / "reports/detect/scores.json").read_text())
+    assert judged_captions and not tuned_captions & (judged_captions | {r["caption"] for r in detected})
+    assert not tuned_ids & {r["id"] for r in detected}
+    manifest = [json.loads(line) for line in (repo / "data/prepared/manifest.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in manifest if r["part"] == "tune"} >= tuned_ids  # the manifest shows the split
 
 
 def test_mitigations_log_their_own_metrics(repo, reproduced):
@@ -222,7 +245,7 @@ def test_detection_localization_and_inference_mitigations(repo, reproduced):
     assert len(nemo["nemo"]["neurons"]) == localized["nemo/union_neurons"]
     assert json.loads((repo / "models/memattn/config.json").read_text())["inference"]["memattn"]["begin_scale"] == 1.25
     wen = json.loads((repo / "models/wen_inference/config.json").read_text())["inference"]["wen_inference"]
-    assert wen["target"] == detect["detection/wen_first/mean/holdout"]
+    assert wen["target"] == detect["detection/wen_first/mean/tune"]  # the tune split sets it, never the judged prompts
     for variant in INFERENCE:
         assert 0.0 <= json.loads((repo / f"metrics/{variant}.json").read_text())["replication/rate/dup"] <= 1.0
 

@@ -307,7 +307,7 @@ def test_a_control_is_declared_against_its_method_and_reads_what_its_structure_r
                                                                     "models/ietagc/skipped_per_step.json")
 
 
-def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params, tmp_path, monkeypatch):
+def test_wen_target_defaults_to_a_fraction_of_the_tune_splits_magnitude(smoke_params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = smoke_params.model_copy(update={"wen_inference": smoke_params.wen_inference.model_copy(
         update={"target": None, "target_fraction": 0.5})})
@@ -315,6 +315,10 @@ def test_wen_target_defaults_to_a_fraction_of_the_holdout_magnitude(smoke_params
         wen_settings(params)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/detect.json").write_text(json.dumps({"detection/wen_first/mean/holdout": 0.2}))
+    with pytest.raises(LetheError, match="data.tune_size"):  # the judged holdout prompts never set it
+        wen_settings(params)
+    (tmp_path / "metrics/detect.json").write_text(json.dumps({"detection/wen_first/mean/holdout": 0.9,
+                                                              "detection/wen_first/mean/tune": 0.2}))
     assert wen_settings(params)["target"] == pytest.approx(0.1)
     fixed = params.model_copy(update={"wen_inference": params.wen_inference.model_copy(update={"target": 0.3})})
     assert wen_settings(fixed)["target"] == 0.3  # an explicit target is used as is

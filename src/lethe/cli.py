@@ -23,21 +23,21 @@ STAGES = {
     "pretrain": "train the base model on the pretraining split",
     "train": "fine-tune the base model on the target split with a method",
     "featurizer": "train the feature network for FD and prompt accuracy",
-    "calibrate": "replication thresholds from the holdout images (never trained on)",
+    "calibrate": "replication thresholds from held-out images; their false-positive rates",
     "evaluate": "replication, quality and cost metrics of a variant",
-    "detect": "memorization detection scores on the baseline: AUROC, TPR@1%%FPR, ROC",
+    "detect": "memorization detectors on the baseline: AUROC, TPR@1%%FPR, ROC",
     "mitigate": "package an inference-time mitigation with the baseline",
     "localize": "NeMo: localize memorization neurons, prune their union",
     "memcontrol": "MemControl: Optuna search over which U-Net blocks to fine-tune",
-    "select_loyal": "LoyalDiffusion: measure skip importance and memorization over t; choose skips and tau",
-    "report": "compare every variant: table and trade-off plot",
+    "select_loyal": "LoyalDiffusion: choose the skips and tau from measurements",
+    "report": "compare every variant: reports/report.html and .md",
     "register": "register every variant in the MLflow registry, move aliases",
     "promote": "move a registry alias by hand (champion must pass the policy)",
     "audit": "which training images a model reproduces: a variant, or a model you bring",
 }
 # not stages: writes params.yaml from a preset, every section filled in; runs DVC's stages side by side
-PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/, every section filled in"
-REPRO_HELP = "dvc repro with independent stages side by side (one thread each), recorded by dvc commit"
+PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/"
+REPRO_HELP = "dvc repro with independent stages side by side, recorded by dvc commit"
 
 
 def _positive(value: str) -> int:
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="lethe", description="lethe: train text-to-image diffusion models, measure which training images they "
         "reproduce, and compare the published mitigations. Each command below is one DVC stage (`dvc repro` runs "
-        "them all) or a tool.", epilog="Set-up, results and every method: README.md (docs/ for depth).")
+        "them all) or a tool.", epilog="Set-up, results and every method: README.md (docs/ for depth).",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=18, width=110))
     main.add_argument("--version", action="version", version=f"lethe {__version__}")
     main.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     stages = main.add_subparsers(dest="stage", required=True, metavar="command", title="commands")

@@ -25,13 +25,17 @@ class DataConfig(Section):
     channels: Literal[1, 3] = 1
     target_size: int = Field(200, ge=1)  # images fine-tuned on (the set that must not leak)
     holdout_size: int = Field(200, ge=1)  # images never trained on; the rest is the pretraining split
+    # the tune part, disjoint from what evaluate, detect and the audits judge: every choice a stage makes from
+    # outputs (MemControl's study, select_loyal, NeMo's tau_mem, Wen's inference target) reads only it
+    tune_size: int = Field(0, ge=0)  # pictures never trained on, like the holdout split, for tuning
+    tune_dup: int = Field(0, ge=0)  # planted pictures (trained on) set aside for tuning, never judged
     dup_share: float | None = Field(None, ge=0.0, le=1.0)  # share of target pictures planted as duplicates;
     # null: 0.2 on the digits (the planted ground truth), none on a folder (its own copies are the dup group)
     dup_factor: int = Field(10, ge=1)  # how many times each planted image-caption pair appears
     dedup_features: Literal["pixels", "sscd", "open_clip"] = "pixels"  # where near copies are looked for
     dedup_features_path: str | None = None  # sscd: TorchScript file; open_clip: weights file
     dedup_distance: float = Field(0.015, ge=0.0)  # near copy: RMS pixel difference on [0, 1] (pixels) or
-    # 1 - cosine similarity (sscd, open_clip) at most this; 0 groups exact copies only (README: duplicates)
+    # 1 - cosine similarity (sscd, open_clip) at most this; 0 groups exact copies only (docs/methods.md)
     seed: int = 0
 
     @property

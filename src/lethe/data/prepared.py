@@ -4,7 +4,9 @@ Each image is stored once. The manifest gives its id (its row in images.npy), sp
 (the digit, or null for a user's folder), `group` (the id of the first copy of the same picture: copies
 found by `lethe.data.duplicates` share it, and always share a split), `repeats` (the planting factor:
 how many times this row is repeated in training, 1 unless planted) and `dup_count`: how many times the
-picture is trained on, its copies in the split times the planting factor.
+picture is trained on, its copies in the split times the planting factor, and `part`: `tune` for the
+pictures every choice made from outputs reads (the tune split, never trained on, and `data.tune_dup` planted
+target pictures), `judge` for the rest, which evaluate, detect and the audits judge. The two never meet.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from lethe.errors import LetheError
 from lethe.files import atomic_dir
 
-SPLITS = ("pretrain", "target", "holdout")
+SPLITS = ("pretrain", "target", "holdout", "tune")
+TUNE, JUDGE = "tune", "judge"
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Record:
     source: str
     group: int
     repeats: int = 1
+    part: str = JUDGE  # tune: read by the choices stages make from outputs; judge: by evaluate, detect, audit
 
 
 @dataclass
@@ -58,12 +62,26 @@ class PreparedData:
         """Prompts to test, one per picture: dup (pictures trained on more than once: planted or natural
         copies), unique (pictures trained on once) and holdout (never trained on). The dup group is empty
         on a folder without copies."""
-        target = self.pictures("target")
+        target = [r for r in self.pictures("target") if r.part == JUDGE]
         return {
             "dup": [r for r in target if r.dup_count > 1][:per_group],
             "unique": [r for r in target if r.dup_count == 1][:per_group],
             "holdout": self.pictures("holdout")[:per_group],
         }
+
+    def tune_groups(self, per_group: int) -> dict[str, list[Record]]:
+        """The tune part, shaped like `prompt_groups`: dup (planted target pictures set aside for tuning) and
+        holdout (the tune split, never trained on). Disjoint from every picture `prompt_groups` returns."""
+        return {"dup": [r for r in self.pictures("target") if r.part == TUNE][:per_group],
+                "holdout": self.pictures("tune")[:per_group]}
+
+    def require_tune(self, stage: str) -> dict[str, list[Record]]:
+        """The whole tune part, or a one-line error naming the params key when it is empty."""
+        groups = self.tune_groups(len(self.records))
+        if not groups["holdout"]:
+            raise LetheError(f"params.yaml: 'data.tune_size' is 0, but {stage} chooses from outputs and reads only the "
+                             "tune part: set data.tune_size (pictures never trained on, never judged)")
+        return groups
 
     def tensor(self, ids) -> torch.Tensor:
         """Images for these ids as float in [-1, 1]."""
@@ -89,6 +107,14 @@ class PreparedData:
         return cls(images=images, records=records)
 
 
+def tune_record(groups: dict[str, list[Record]], *seed_lists) -> dict:
+    """What a tuning stage read, for its reports folder: each group's picture ids and captions, and its
+    generation seeds (tests check them against what evaluate judged)."""
+    return {"pictures": {name: [r.id for r in records] for name, records in groups.items()},
+            "captions": {name: [r.caption for r in records] for name, records in groups.items()},
+            "seeds": sorted({int(s) for seeds in seed_lists for s in seeds})}
+
+
 def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images)).float().div(127.5).sub(1.0)  # a copy: memory-mapped rows are read-only
 
@@ -99,24 +125,34 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def assign_splits(
-    groups: np.ndarray, target_size: int, holdout_size: int, dup_share: float, dup_factor: int, seed: int
-) -> tuple[list[str], list[int], list[int]]:
-    """Shuffle pictures (duplicate groups, each one unit) into target, holdout and pretrain (the rest), and
-    plant `dup_share` of the target pictures `dup_factor` times. Returns each row's split, dup_count
-    (copies of its picture in the split times its planting factor) and repeats (the planting factor)."""
+    groups: np.ndarray, target_size: int, holdout_size: int, dup_share: float, dup_factor: int, seed: int,
+    tune_size: int = 0, tune_dup: int = 0,
+) -> tuple[list[str], list[int], list[int], list[str]]:
+    """Shuffle pictures (duplicate groups, each one unit) into target, holdout, tune and pretrain (the rest),
+    and plant `dup_share` of the target pictures `dup_factor` times, the last `tune_dup` of them set aside for
+    tuning. Returns each row's split, dup_count (copies of its picture in the split times its planting
+    factor), repeats (the planting factor) and part (tune or judge)."""
     pictures = np.unique(groups)
-    if target_size + holdout_size > len(pictures):
+    if target_size + holdout_size + tune_size > len(pictures):
         raise LetheError(
-            f"params.yaml: 'data.target_size' + 'data.holdout_size' = {target_size + holdout_size} "
-            f"but the dataset has only {len(pictures)} distinct pictures ({len(groups)} images)"
+            f"params.yaml: 'data.target_size' + 'data.holdout_size' + 'data.tune_size' = "
+            f"{target_size + holdout_size + tune_size} but the dataset has only {len(pictures)} distinct pictures "
+            f"({len(groups)} images)"
         )
+    n_planted = round(dup_share * target_size)
+    if tune_dup and tune_dup >= n_planted:
+        raise LetheError(f"params.yaml: 'data.tune_dup' = {tune_dup} leaves no planted picture to judge "
+                         f"({n_planted} planted: data.dup_share x data.target_size)")
     order = np.random.default_rng(seed).permutation(pictures)
     split_of = {int(g): "pretrain" for g in pictures}
     split_of |= {int(g): "target" for g in order[:target_size]}
     split_of |= {int(g): "holdout" for g in order[target_size : target_size + holdout_size]}
-    planted = {int(g) for g in order[: round(dup_share * target_size)]}  # target pictures in random order
+    split_of |= {int(g): TUNE for g in order[target_size + holdout_size : target_size + holdout_size + tune_size]}
+    planted = {int(g) for g in order[:n_planted]}  # target pictures in random order
+    tuned = {int(g) for g in order[n_planted - tune_dup : n_planted]} if tune_dup else set()
     copies = dict(zip(*np.unique(groups, return_counts=True)))
     splits = [split_of[int(g)] for g in groups]
     repeats = [dup_factor if int(g) in planted else 1 for g in groups]
     dup_counts = [int(copies[g]) * r for g, r in zip(groups, repeats)]
-    return splits, dup_counts, repeats
+    parts = [TUNE if split_of[int(g)] == TUNE or int(g) in tuned else JUDGE for g in groups]
+    return splits, dup_counts, repeats, parts

@@ -99,12 +99,13 @@ def prepare(cfg: DataConfig) -> PreparedData:
         images, captions, sources = read_image_folder(cfg.folder, cfg.resolution, cfg.channels)
         labels = [None] * len(images)
     groups = duplicate_groups(images, dedup_features(cfg, images), cfg.dedup_distance)
-    splits, dup_counts, repeats = assign_splits(
-        groups, cfg.target_size, cfg.holdout_size, cfg.planted_share, cfg.dup_factor, cfg.seed
+    splits, dup_counts, repeats, parts = assign_splits(
+        groups, cfg.target_size, cfg.holdout_size, cfg.planted_share, cfg.dup_factor, cfg.seed, cfg.tune_size,
+        cfg.tune_dup if cfg.planted_share else 0,
     )
     records = [
         Record(id=i, split=splits[i], caption=captions[i], dup_count=dup_counts[i], label=labels[i], source=sources[i],
-               group=int(groups[i]), repeats=repeats[i])
+               group=int(groups[i]), repeats=repeats[i], part=parts[i])
         for i in range(len(images))
     ]
     return PreparedData(images=images, records=records)

@@ -135,12 +135,17 @@ def prompt_diversity(features: torch.Tensor, per_prompt: int) -> torch.Tensor:
     return 1 - off_diagonal / (per_prompt * (per_prompt - 1))
 
 
-def generation_plan(captions: list[str], per_prompt: int) -> tuple[list[str], list[int]]:
+# the tune part's generations start here: no seed of theirs is one evaluate or detect judges with
+TUNE_SEEDS = 1_000_000
+
+
+def generation_plan(captions: list[str], per_prompt: int, first_seed: int = 0) -> tuple[list[str], list[int]]:
     """Each caption `per_prompt` times, every generation its own seed. Seeds shared across prompts would
     make a prompt-blind model's group a few repeated images, and FD would score that collapse (150
-    against 26 with distinct seeds, measured) instead of the images' quality."""
+    against 26 with distinct seeds, measured) instead of the images' quality. The tune part's plans start
+    at TUNE_SEEDS."""
     prompts = [c for c in captions for _ in range(per_prompt)]
-    return prompts, list(range(len(prompts)))
+    return prompts, list(range(first_seed, first_seed + len(prompts)))
 
 
 @dataclass

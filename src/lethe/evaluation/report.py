@@ -374,7 +374,11 @@ def data_section(data: Path = DATA_METRICS, calibration: Path = CALIBRATION) -> 
                   f"{d['data/duplicate_groups']:.0f} pictures with copies ({d['data/duplicate_files']:.0f} files, largest "
                   f"group {d['data/largest_group']:.0f}); planted pairs {d['data/planted_pairs']:.0f}; "
                   f"{d['data/target_duplicate_sample_share']:.0%} of the target training samples show a picture seen "
-                  f"more than once; dup prompts available: {d['data/dup_prompts']:.0f}."]
+                  f"more than once; dup prompts available: {d['data/dup_prompts']:.0f}.",
+                  "", f"The tune part, read only by the choices stages make from outputs (MemControl's study, "
+                  f"select_loyal, NeMo's tau_mem, Wen's inference target) and never judged: "
+                  f"{d.get('data/tune_pictures', 0):.0f} pictures never trained on and {d.get('data/tune_dup_pictures', 0):.0f} "
+                  f"planted ones; judged dup prompts: {d.get('data/judged_dup_prompts', d['data/dup_prompts']):.0f}."]
         if not d["data/dup_prompts"]:
             lines.append("No picture is trained on more than once: there is no dup group, and no dup figures.")
     if calibration.exists():

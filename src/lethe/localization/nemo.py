@@ -8,9 +8,9 @@ the down and mid blocks. For a memorized prompt, as the authors' code computes i
    prompt with no kept seed is not localized.
 2. Score of a neuron set: the highest similarity, over the kept seeds, between the noise difference
    with the set deactivated and the intact one *of the same seed* (`MemorizationScore`). Memorization
-   is gone once it is at most τ_mem (mean + one std of the intact pairwise similarities of holdout
+   is gone once it is at most τ_mem (mean + one std of the intact pairwise similarities of tune-split
    prompts).
-3. Initial selection: deactivate every neuron whose activation z-score (against holdout prompts)
+3. Initial selection: deactivate every neuron whose activation z-score (against tune-split prompts)
    exceeds θ in absolute value, plus the k most active neurons of each layer (raw mean |to_v|);
    start at θ = 5, k = 0 and, while the score stays above τ_mem, lower θ by 0.25 and raise k by 1,
    while θ > 1: 16 sets, the last at θ = 1.25, k = 15. If none passes, the last set is refined
@@ -186,15 +186,21 @@ def deactivate(model, neurons: set[Neuron]) -> None:
             layers[layer].to_v.bias[channel] = 0.0
 
 
+def tune_prompts(data, n: int) -> list:
+    """The never-trained prompts that set NeMo's statistics and τ_mem: the tune split's, never judged."""
+    return data.require_tune("localize")["holdout"][:n]
+
+
 def encode(model, records) -> torch.Tensor:
     return model.encode_text(model.text_encoder.tokenize([r.caption for r in records]))
 
 
 @torch.no_grad()
 def calibrate(model, data, t, noise: torch.Tensor, holdout_prompts: int):
-    """Holdout activation statistics and τ_mem (mean + one std of the holdout prompts' pairwise seed
-    similarities); the target prompts with a kept seed (some pair above τ_mem), highest first."""
-    holdout = encode(model, data.pictures("holdout")[:holdout_prompts])
+    """Activation statistics and τ_mem (mean + one std of the pairwise seed similarities) of prompts never
+    trained on, from the tune split (never judged); the target prompts with a kept seed (some pair above
+    τ_mem), highest first."""
+    holdout = encode(model, tune_prompts(data, holdout_prompts))
     stats = ActivationStats.of(value_activations(model, holdout))
     pairwise = nemo_pairwise(model.unet, t, noise, holdout)
     tau = (pairwise.mean() + pairwise.std()).item()

@@ -15,7 +15,7 @@ from lethe.paths import CHOSEN_MASK
 class MemControlConfig(Section):
     """An Optuna search over which transformer blocks' PEFT parameters to fine-tune."""
 
-    family: Literal["lora", "attention", "difffit", "svdiff"] = "lora"  # what a 1-bit block trains (README: why lora)
+    family: Literal["lora", "attention", "difffit", "svdiff"] = "lora"  # what a 1-bit block trains (docs/methods.md: MemControl)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0.0)
     lr_min: float = Field(1e-5, gt=0.0, le=1.0)  # learning rate, log-uniform (published: 1e-5 to 1e-3)

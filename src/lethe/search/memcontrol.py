@@ -7,7 +7,9 @@
    repeated, through the same LightningModule and `fit()` as every other training.
 3. Objectives: memorization = Wen's noise magnitude at random timesteps on the memorization subset
    (per image the mean over draws, then the max or mean over images); quality = the Fréchet distance
-   of generations from holdout prompts to the holdout images, in the featurizer's feature space.
+   of generations from the tune split's captions to its images, in the featurizer's feature space. Both
+   read only the tune part of the data (its planted pictures and its never-trained split, seeds from
+   TUNE_SEEDS), which evaluate never judges.
 4. Policy: among completed trials, the lowest memorization whose FD is within `fd_tolerance` of a
    reference (full fine-tuning with the same budget, or the best trial) and whose prompt accuracy
    (the featurizer's digit agrees with the prompt's) is at most `accuracy_tolerance` below full
@@ -36,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lethe.config import Params
 from lethe.data.prepared import PreparedData
 from lethe.errors import LetheError, TrainingDiverged
-from lethe.evaluation.metrics import FeatureSpace, frechet_distance, quality_features
+from lethe.evaluation.metrics import TUNE_SEEDS, FeatureSpace, frechet_distance, generation_plan, quality_features
 from lethe.evaluation.featurizer import Featurizer, prompt_accuracy
 from lethe.files import content_hash
 from lethe.memorization.noise_magnitude import magnitude_at_random_timesteps
@@ -61,8 +63,9 @@ class Inputs:
     data: PreparedData
     blocks: list[str]
     featurizer: Featurizer | FeatureSpace  # FD's feature space, as the evaluate stage's
-    memorized: list  # the memorization subset: target pictures trained on more than once (else all of them)
-    holdout_pixels: torch.Tensor
+    memorized: list  # the memorization subset: the tune part's planted pictures (else every target picture)
+    tune: list  # the tune split's pictures (never trained on, never judged): FD's prompts and reference
+    holdout_pixels: torch.Tensor  # their images
     study_name: str
 
 
@@ -80,21 +83,22 @@ def study_key(params: Params) -> str:
 
 def load_inputs(params: Params) -> Inputs:
     data = PreparedData.load(DATA)
+    tune = data.require_tune("memcontrol")
     memorized = memorization_subset(data)
-    holdout_pixels = data.tensor([r.id for r in data.split("holdout")])
+    holdout_pixels = data.tensor([r.id for r in tune["holdout"]])
     return Inputs(params, data, transformer_blocks(load_model(PRETRAINED).unet),
-                  quality_features(params.evaluate, holdout_pixels), memorized, holdout_pixels,
+                  quality_features(params.evaluate, holdout_pixels), memorized, tune["holdout"], holdout_pixels,
                   f"memcontrol-{study_key(params)}")
 
 
 def memorization_subset(data: PreparedData) -> list:
-    """The dup group (target pictures trained on more than once); with none, as in a folder without copies,
-    every target picture: each is still one a user must not leak."""
-    return [r for r in data.pictures("target") if r.dup_count > 1] or data.pictures("target")
+    """The tune part's planted pictures; with none (a folder without planting), every target picture: each is
+    still one a user must not leak, and the report says the subset is shared with what evaluate judges."""
+    return data.tune_groups(len(data.records))["dup"] or data.pictures("target")
 
 
 def subset_name(memorized: list) -> str:
-    return "dup" if memorized[0].dup_count > 1 else "target (no dup group)"
+    return "tune dup" if memorized[0].part == "tune" else "target (no tune dup pictures: shared with judging)"
 
 
 def storage(params: Params, name: str):
@@ -139,7 +143,7 @@ def fine_tune(inputs: Inputs, mask: Mask | None, lr: float, checkpoints: Path):
 
 
 def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
-    """Memorization (Wen's magnitude on the memorization subset) and quality (FD on holdout prompts), and
+    """Memorization (Wen's magnitude on the memorization subset) and quality (FD on the tune split), and
     the prompt accuracy of those generations where the featurizer can classify them (the policy reads it)."""
     cfg = inputs.params.memcontrol
     images = inputs.data.tensor([r.id for r in inputs.memorized])
@@ -147,10 +151,10 @@ def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
     per_image = magnitude_at_random_timesteps(model, scheduler, images, [r.caption for r in inputs.memorized],
                                               cfg.magnitude_draws, generator).mean(dim=1)
     memorization = per_image.max() if cfg.memorization == "max" else per_image.mean()
-    holdout = inputs.data.split("holdout")[: cfg.fd_prompts]
-    prompts = [r.caption for r in holdout]
+    holdout = inputs.tune[: cfg.fd_prompts]
+    prompts, seeds = generation_plan([r.caption for r in holdout], 1, TUNE_SEEDS)
     sample = inputs.params.sample.model_copy(update={"steps": cfg.sample_steps})
-    generated = generate(model, scheduler, prompts, list(range(len(prompts))), sample)
+    generated = generate(model, scheduler, prompts, seeds, sample)
     with torch.no_grad():
         fd = frechet_distance(inputs.featurizer, inputs.holdout_pixels, generated)
     values = {"memorization": memorization.item(), "fd": fd}

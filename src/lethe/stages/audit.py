@@ -61,11 +61,12 @@ def champion_variant() -> str:
 
 
 def pipeline_images() -> TrainingImages:
-    """The prepared target split, one image per picture, and the holdout split."""
-    from lethe.data.prepared import PreparedData
+    """The prepared target split, one image per picture, less the tune part (which the tuning stages chose
+    on, so an audit of their models would favour them), and the holdout split."""
+    from lethe.data.prepared import JUDGE, PreparedData
 
     data = PreparedData.load(DATA)
-    target = data.pictures("target")
+    target = [r for r in data.pictures("target") if r.part == JUDGE]
     return TrainingImages(data.tensor([r.id for r in target]), [r.caption for r in target], [r.source for r in target],
                           data.tensor([r.id for r in data.pictures("holdout")]), f"{DATA} (target split)",
                           np.array([r.dup_count > 1 for r in target]))

@@ -30,6 +30,7 @@ from lethe.evaluation.metrics import TrainingSet  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.memorization.attention import cross_attention_layers  # noqa: E402
 from lethe.memorization.detectors import detection_quality, memattn_scores, nemo_scores, wen_scores  # noqa: E402
+from lethe.memorization.noise_magnitude import first_step_magnitudes  # noqa: E402
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
 from lethe.paths import BASELINE, DATA, DETECT_METRICS, REPORTS  # noqa: E402
 from lethe.sampling import SamplingTrace, first_step, generate  # noqa: E402
@@ -88,6 +89,13 @@ def detect(params: Params) -> dict[str, float]:
     for group in ("dup", "unique", "holdout"):
         metrics[f"detection/memorized_share/{group}"] = float(measured[groups == group].mean()) if (groups == group).any() else 0.0
     metrics["cost/seconds_per_image"] = float(scores["sampling_seconds"]) / (len(records) * cfg.generations_per_prompt)
+    # Wen's inference-time target reads this, the tune split's mean first-step magnitude: a choice made from
+    # outputs, so from prompts that are never judged
+    tune = data.tune_groups(cfg.prompts_per_group)["holdout"]
+    if tune:
+        magnitudes = first_step_magnitudes(model, scheduler, [r.caption for r in tune], cfg.generations_per_prompt,
+                                           params.sample.steps)
+        metrics["detection/wen_first/mean/tune"] = float(magnitudes.mean())
 
     with stage_run(params, stage="detect", method="baseline", sections=("detect", "sample"), data_hash=content_hash(DATA)):
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})

@@ -1,6 +1,6 @@
 """`lethe localize` (NeMo): find each memorized target prompt's neurons; deactivate their union.
 
-Activation statistics and τ_mem come from holdout prompts. Every target prompt is scored; those with
+Activation statistics and τ_mem come from the tune split's prompts (never trained on, never judged). Every target prompt is scored; those with
 a seed pair above τ_mem (highest first, at most `nemo.max_prompts`) are localized. The union of their neurons is
 zeroed in the baseline's W_V rows and saved as `models/nemo`, a pruned model like any other.
 """
@@ -14,7 +14,7 @@ import mlflow
 import torch
 
 from lethe.config import Params
-from lethe.data.prepared import PreparedData
+from lethe.data.prepared import PreparedData, tune_record
 from lethe.files import atomic_dir, baseline_costs, content_hash, write_json, write_text
 from lethe.localization import nemo
 from lethe.models.diffusion_model import build_scheduler, load_model, save_model
@@ -71,6 +71,8 @@ def localize(params: Params) -> dict[str, float]:
         with atomic_dir(REPORTS / "localize") as tmp:
             write_json(tmp / "neurons.json", rows)
             write_text(tmp / "neurons.md", neuron_table(rows, tau))
+            # tau_mem's prompts: the tune part's (the noises are the seeds first_step draws for every prompt)
+            write_json(tmp / "prompts.json", tune_record({"holdout": nemo.tune_prompts(data, cfg.holdout_prompts)}))
         mlflow.log_artifacts(str(REPORTS / "localize"))
     write_json(train_metrics_file("nemo"), {**baseline_costs(), "cost/localize_seconds": seconds})
     write_json(LOCALIZE_METRICS, metrics)

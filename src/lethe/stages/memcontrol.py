@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from lethe.config import Params  # noqa: E402
+from lethe.data.prepared import tune_record  # noqa: E402
+from lethe.evaluation.metrics import TUNE_SEEDS, generation_plan  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.paths import CHOSEN_MASK, DATA, PLOTS, REPORTS, SEARCH_METRICS  # noqa: E402
 from lethe.progress import CORES_FILE  # noqa: E402
@@ -90,15 +92,20 @@ def memcontrol(params: Params, params_path: str = "params.yaml", workers: int | 
             codes = [helper.wait() for helper in helpers]
         if any(codes):
             raise RuntimeError(f"a memcontrol worker failed (exit codes {codes}); re-run to resume the study")
-        summary = write_outputs(params, study, full, subset_name(inputs.memorized)) | {"memcontrol/trials_run_here": float(ran)}
+        scored = inputs.tune[: params.memcontrol.fd_prompts]  # what objectives() generated for
+        read = tune_record({"dup": inputs.memorized, "holdout": scored},
+                           generation_plan([r.caption for r in scored], 1, TUNE_SEEDS)[1])
+        summary = write_outputs(params, study, full, subset_name(inputs.memorized), read)
+        summary |= {"memcontrol/trials_run_here": float(ran)}
         shutil.rmtree(checkpoint_root(inputs), ignore_errors=True)  # nothing left to resume
         mlflow.log_metrics(summary)
         mlflow.log_artifacts(str(REPORT), "memcontrol")
     return summary
 
 
-def write_outputs(params: Params, study: optuna.Study, full: dict | None, subset: str) -> dict[str, float]:
-    """The chosen mask (train@memcontrol's input), the Pareto front (plot, DVC plot) and summary metrics."""
+def write_outputs(params: Params, study: optuna.Study, full: dict | None, subset: str, read: dict | None = None) -> dict[str, float]:
+    """The chosen mask (train@memcontrol's input), the Pareto front (plot, DVC plot), summary metrics and
+    `read`, the tune part's pictures and seeds the study scored (reports/memcontrol/prompts.json)."""
     cfg = params.memcontrol
     trials = completed(study)
     chosen, reason = choose(trials, full, cfg)
@@ -112,6 +119,8 @@ def write_outputs(params: Params, study: optuna.Study, full: dict | None, subset
     with atomic_dir(REPORT) as tmp:
         pareto_png(study, chosen, full, tmp / "pareto.png")
         write_json(tmp / "trials.json", rows)
+        if read is not None:
+            write_json(tmp / "prompts.json", read)
     metrics = {"memcontrol/trials": float(len(trials)), "memcontrol/pareto_size": float(len(front)),
                **{f"memcontrol/chosen/{k}": float(v) for k, v in describe(chosen).items()
                   if k not in ("blocks", "trial") and v is not None}}
@@ -126,7 +135,7 @@ def pareto_png(study: optuna.Study, chosen, full: dict | None, path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
         ax = optuna.visualization.matplotlib.plot_pareto_front(
-            study, target_names=["memorization (Wen's magnitude)", "FD, holdout prompts"])
+            study, target_names=["memorization (Wen's magnitude)", "FD, tune prompts"])
     ax.scatter([chosen.values[0]], [chosen.values[1]], marker="*", s=200, c="gold", edgecolors="k", label="chosen", zorder=5)
     if full:
         ax.scatter([full["memorization"]], [full["fd"]], marker="X", s=120, c="red", label="full fine-tuning", zorder=5)

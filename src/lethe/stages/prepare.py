@@ -18,7 +18,11 @@ def prepare(params) -> dict:
     rs = data.records
     summary = {**duplicate_summary(np.array([r.group for r in rs]), [r.split for r in rs],
                                    [r.dup_count for r in rs], [r.repeats for r in rs]),
-               **{f"data/{s}_images": float(len(data.split(s))) for s in ("pretrain", "target", "holdout")}}
+               **{f"data/{s}_images": float(len(data.split(s))) for s in ("pretrain", "target", "holdout", "tune")}}
+    tune, judged = data.tune_groups(len(rs)), data.prompt_groups(len(rs))
+    # the part every choice made from outputs reads, and what is judged: never the same pictures
+    summary |= {"data/tune_pictures": float(len(tune["holdout"])), "data/tune_dup_pictures": float(len(tune["dup"])),
+                "data/judged_dup_prompts": float(len(judged["dup"]))}
     data.save(DATA)
     with stage_run(params, stage="prepare", method="prepare", sections=("data",), data_hash=content_hash(DATA)):
         mlflow.log_metrics(summary)

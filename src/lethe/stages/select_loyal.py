@@ -17,10 +17,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lethe.config import Params  # noqa: E402
-from lethe.data.prepared import PreparedData  # noqa: E402
+from lethe.data.prepared import PreparedData, tune_record  # noqa: E402
 from lethe.devices import inference_device  # noqa: E402
-from lethe.errors import LetheError  # noqa: E402
-from lethe.evaluation.metrics import (FeatureDistances, TrainingSet, criteria, generation_plan, quality_features,  # noqa: E402
+from lethe.evaluation.metrics import (TUNE_SEEDS, FeatureDistances, TrainingSet, criteria, generation_plan, quality_features,  # noqa: E402
                                      replication_features)
 from lethe.files import atomic_dir, content_hash, write_json, write_text  # noqa: E402
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
@@ -44,10 +43,11 @@ def select_loyal(params: Params) -> dict:
         write_json(LOYAL_METRICS, {"loyal/skips_chosen": float(len(choice["skips"])), "loyal/tau": float(cfg.tau)})
         return choice
     data = PreparedData.load(DATA)
-    groups = data.prompt_groups(evaluate.prompts_per_group)
-    if not groups["holdout"]:
-        raise LetheError(f"{DATA}: select_loyal needs holdout pictures (data.holdout_size); or set loyal.choose: fixed")
-    holdout_pixels = data.tensor([r.id for r in data.pictures("holdout")])
+    # the tune part only: its never-trained pictures for FD, its planted pictures for memorization over t,
+    # seeds from TUNE_SEEDS; evaluate judges none of them (reports/loyal/prompts.json records which)
+    tune = data.require_tune("select_loyal")
+    groups = {name: records[: evaluate.prompts_per_group] for name, records in tune.items()}
+    holdout_pixels = data.tensor([r.id for r in tune["holdout"]])
     featurize = replication_features(evaluate)
     featurizer = quality_features(evaluate, holdout_pixels, featurize)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def select_loyal(params: Params) -> dict:
     scheduler = build_scheduler(pretrained, params.diffusion)
     skips = loyal.all_skips(pretrained.unet)
     k = evaluate.generations_per_prompt
-    prompts, seeds = generation_plan([r.caption for r in groups["holdout"]], k)
+    prompts, seeds = generation_plan([r.caption for r in groups["holdout"]], k, TUNE_SEEDS)
 
     @torch.no_grad()
     def generated_features(skip):
@@ -67,11 +67,11 @@ def select_loyal(params: Params) -> dict:
 
     pretrained = None  # one model on the device at a time (Stable Diffusion)
     threshold = criteria(evaluate).sim_threshold
-    over_t, tau, tau_from = [], cfg.tau, "loyal.tau: no planted (dup) pictures to measure memorization with"
+    over_t, tau, tau_from = [], cfg.tau, "loyal.tau: no planted pictures in the tune part (data.tune_dup)"
     if groups["dup"]:  # an image folder without copies has none: said, not invented
         baseline = load_model(BASELINE).to(inference_device())
         training = TrainingSet.load(data, evaluate)
-        dup_prompts, dup_seeds = generation_plan([r.caption for r in groups["dup"]], k)
+        dup_prompts, dup_seeds = generation_plan([r.caption for r in groups["dup"]], k, TUNE_SEEDS)
 
         def copied_with(skip):  # the baseline's planted prompts with one skip zeroed: which generations copy
             images = loyal.generate_without(baseline, scheduler, skip, dup_prompts, dup_seeds, sample, "baseline")
@@ -100,6 +100,7 @@ def select_loyal(params: Params) -> dict:
         mlflow.log_metrics(metrics)
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "analysis.json", {"skips": importance, "timesteps": over_t, "choice": choice})
+            write_json(tmp / "prompts.json", tune_record(groups, seeds, dup_seeds if groups["dup"] else []))
             write_text(tmp / "analysis.md", analysis_markdown(importance, over_t, choice, cfg.skip_share, cfg.gap_share))
             skips_plot(importance, chosen_skips, tmp / "skips.png")
             if over_t:
