@@ -60,7 +60,7 @@ def preset_params(work: Path, args, device: str):
 
     raw = yaml.safe_load(PRESET.read_text())
     raw["data"] |= {"folder": str(work / "images"), "resolution": args.resolution, "target_size": args.images // 2,
-                    "holdout_size": max(2, args.images // 8)}
+                    "holdout_size": max(2, args.images // 8), "tune_size": max(2, args.images // 8)}
     raw["model"]["pretrained_path"] = str(work / "sd")
     train = {"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 10**9, "devices": 1,
              "strategy": "auto", "accelerator": "gpu" if device == "cuda" else "cpu"}

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from lethe.cli import main
 from lethe.config import TrainConfig, load_params
 from lethe.errors import LetheError
-from lethe.methods import INFERENCE, METHODS, MITIGATE, VARIANTS
+from lethe.methods import CANDIDATES, INFERENCE, METHODS, MITIGATE, VARIANTS
 from lethe.models.random_sd import write_image_folder
 from lethe.memorization.features import IMAGENET_MEAN, IMAGENET_STD, _rgb, load_features
 from tests.conftest import ROOT, SMOKE
@@ -282,7 +282,7 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
              "precision": "32-true", "gradient_checkpointing": False}
     write_params(
         project / "params.yaml", SD_PRESET,
-        data={"folder": str(folder), "resolution": 16, "target_size": 8, "holdout_size": 4},
+        data={"folder": str(folder), "resolution": 16, "target_size": 8, "holdout_size": 4, "tune_size": 4},
         model={"pretrained_path": str(sd)},
         pretrain=small,
         finetune={**small, "steps": 4, "warmup_steps": 1, "ema_decay": 0.9},
@@ -334,13 +334,14 @@ def test_whole_pipeline_on_a_tiny_stable_diffusion_checkpoint(project):
     chosen = json.loads((project / "search/memcontrol.json").read_text())
     trained = json.loads((project / "metrics/train/memcontrol.json").read_text())
     assert chosen["blocks"] and trained["cost/trainable_params"] == chosen["trainable_params"]
-    assert chosen["memorization_subset"] == "target (no dup group)"
+    assert chosen["memorization_subset"] == "target (no tune dup pictures: shared with judging)"
     report = (project / "reports/report.md").read_text()
     assert all(f"| {v} |" in report for v in VARIANTS) and "There is no dup group" in report
     registry = json.loads((project / "reports/registry.json").read_text())
-    assert set(registry["versions"]) == set(VARIANTS)
+    assert set(registry["versions"]) == set(CANDIDATES)  # the A/A replicates are not registered
     assert registry["aliases"]["champion"] == registry["aliases"]["baseline"]  # nothing to reduce: baseline stays
-    assert "no paired comparison" in registry["policy"]["loyal"]
+    # no dup group: no re-identification change to judge, which refuses, naming it
+    assert "missing or not finite: vs_baseline/replication_reid_rate_dup/diff" in registry["policy"]["loyal"]
     audited = json.loads((project / "reports/audit/champion/audit.json").read_text())
     assert audited["variant"] == "baseline" and audited["mode"] == "screen"  # the champion: the baseline here
     assert len(audited["training_images"]) == audited["metrics"]["audit/images"] > 0
