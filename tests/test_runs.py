@@ -56,3 +56,29 @@ def test_a_star_from_prompts_alone_is_lost_when_a_rerun_moves_as_much():
     assert out["baseline"]["runs/measured"] == 4.0
     alone = with_run_noise({"baseline": base, "small": metrics["small"]}, "baseline", ())
     assert alone["small"][f"{CHANGE}/significant"] == -1.0 and alone["small"]["runs/measured"] == 0.0
+
+
+def test_a_rerun_is_checked_against_the_first_runs_intervals(tmp_path, capsys):
+    import json
+
+    from lethe.evaluation.rerun import main
+
+    def write(folder, values):
+        folder.mkdir()
+        for variant, m in values.items():
+            (folder / f"{variant}.json").write_text(json.dumps(m))
+
+    base = {KEY: 0.6, "prompts/dup": 40.0}
+    replicates = {f"baseline_seed{r}": variant(d, d - 0.05, d + 0.05, 0.6 + d) for r, d in ((1, 0.02), (2, -0.02), (3, 0.0))}
+    write(tmp_path / "first", {"baseline": base, **replicates, "loyal": variant(-0.3, -0.4, -0.2, 0.3)})
+    write(tmp_path / "inside", {"baseline": base, "loyal": variant(-0.25, -0.35, -0.15, 0.35)})
+    write(tmp_path / "outside", {"baseline": base, "loyal": variant(0.2, 0.1, 0.3, 0.8)})
+    assert main([str(tmp_path / "first"), str(tmp_path / "inside"), str(tmp_path / "outside")]) == 0
+    out = capsys.readouterr().out
+    assert "| loyal | dup rate (copy) | -0.300 [" in out and "| 1 | -0.250 | yes |" in out and "| 2 | +0.200 | no |" in out
+    assert out.strip().endswith("Covered: 1 of 2 (50%); nominal 95%.")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "baseline.json").write_text("{")
+    assert main([str(tmp_path / "first"), str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken/baseline.json: not JSON" in err
