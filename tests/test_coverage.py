@@ -124,7 +124,7 @@ def test_fd_intervals_by_bias_corrected_halves_cover_the_population_fd_and_its_c
     fd, reference = FD(real), (real.mean(0), np.cov(real.T))
     cov = (PROMPT_SD**2 + SEED_SD**2) * np.diag(SCALES**2)
     truth = {m: fd_closed_form(np.full(DIM, mean), spread**2 * cov, *reference) for m, (mean, spread) in MODELS.items()}
-    difference, relative = truth["variant"] - truth["baseline"], truth["variant"] / truth["baseline"] - 1
+    difference, ratio = truth["variant"] - truth["baseline"], truth["variant"] / truth["baseline"] - 1
     sets = [np.arange(PROMPTS), *halves(PROMPTS, draws)]  # what `paired` draws: all prompts, then the halves
     counts = np.zeros((len(sets), PROMPTS))
     for i, rows in enumerate(sets):
@@ -139,7 +139,11 @@ def test_fd_intervals_by_bias_corrected_halves_cover_the_population_fd_and_its_c
         stat = {m: table(f, sets) for m, f in figures.items()}
         out = paired("quality/fd/holdout", stat["variant"], stat["baseline"], PROMPTS, draws, method="halves")
         hits["diff"].append(out[f"{name}/diff/ci_low"] <= difference <= out[f"{name}/diff/ci_high"])
-        hits["relative"].append(out[f"{name}/ci_low"] <= relative <= out[f"{name}/ci_high"])
+        # the relative change is the difference over the baseline's uncorrected FD: the same interval rescaled
+        scale = out[f"{name}/scale"]
+        assert scale == pytest.approx(figures["baseline"][0]) and scale > 0
+        assert out[f"{name}/ci_low"] * scale == pytest.approx(out[f"{name}/diff/ci_low"])
+        hits["relative"].append(out[f"{name}/ci_low"] <= difference / scale <= out[f"{name}/ci_high"])
         p_values.append(out[f"{name}/diff/p"])
         _, low, high = interval(stat["baseline"], PROMPTS, draws, method="halves")
         hits["baseline"].append(low <= truth["baseline"] <= high)
@@ -149,7 +153,7 @@ def test_fd_intervals_by_bias_corrected_halves_cover_the_population_fd_and_its_c
         hits["uncorrected diff"].append(low <= difference <= high)
         r = figures["variant"] / figures["baseline"] - 1
         low, high = np.quantile(r[0] + r[1:] - r[1:].mean(), [0.025, 0.975])
-        hits["ratio of halves"].append(low <= relative <= high)
+        hits["ratio of halves"].append(low <= ratio <= high)
     coverage = {k: covered(v) for k, v in hits.items()}
     for k in ("diff", "relative", "baseline"):
         assert COVERAGE[0] <= coverage[k] <= COVERAGE[1], coverage

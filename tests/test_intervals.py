@@ -103,11 +103,31 @@ def test_a_set_statistic_is_bias_corrected_and_judged_on_its_difference():
     assert out[f"{name}/diff"] == pytest.approx(truth, abs=0.02)
     assert out[f"{name}/diff/ci_low"] < truth < out[f"{name}/diff/ci_high"] and out[f"{name}/diff/ci_low"] > 0
     assert out[f"{name}/significant"] == 1.0 and out[f"{name}/diff/p"] == pytest.approx(1 / 401)
-    # the relative change is the corrected figures' ratio, its interval on the same halves
+    # the relative change is the corrected difference in units of the baseline's uncorrected figure
     fd, _, _ = interval(base, 40, 400, method="halves")
     assert fd == pytest.approx(base_values.mean(), abs=0.02)
-    assert out[name] == pytest.approx(out[f"{name}/diff"] / fd)
+    assert out[f"{name}/scale"] == pytest.approx(base_values.mean() + 1)
+    assert out[name] == pytest.approx(out[f"{name}/diff"] / (base_values.mean() + 1))
+    assert out[f"{name}/ci_low"] == pytest.approx(out[f"{name}/diff/ci_low"] / (base_values.mean() + 1))
     assert 0 < out[f"{name}/ci_low"] < out[name] < out[f"{name}/ci_high"]
+
+
+def test_a_set_statistic_whose_corrected_baseline_is_below_zero_keeps_a_relative_change():
+    # a small population FD beside its bias: the baseline is 1.0 on all prompts and 2.5 on a half, so its
+    # corrected figure is 2 x 1.0 - 2.5 = -0.5; the variant's 1.5 and 3.0 correct to 0.0. The difference is
+    # +0.5, and the relative change +0.5 / 1.0 (a ratio of the corrected figures would be undefined)
+    def base(rows):
+        return 1.0 if len(rows) == 40 else 2.5
+
+    def variant(rows):
+        return 1.5 if len(rows) == 40 else 3.0
+
+    out = paired("quality/fd/holdout", variant, base, 40, 50, method="halves")
+    name = "vs_baseline/quality_fd_holdout"
+    assert interval(base, 40, 50, method="halves")[0] == pytest.approx(-0.5)
+    assert out[f"{name}/diff"] == pytest.approx(0.5) and out[f"{name}/scale"] == 1.0
+    assert out[name] == pytest.approx(0.5)
+    assert out[f"{name}/ci_low"] == pytest.approx(0.5) and out[f"{name}/ci_high"] == pytest.approx(0.5)
 
 
 def test_the_p_value_of_a_bootstrapped_difference_on_worked_cases():

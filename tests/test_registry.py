@@ -84,6 +84,19 @@ def test_a_reduction_inside_the_noise_says_how_many_dup_prompts_would_decide_it(
     assert not ok and "no number of dup prompts would decide it: the point itself is on the wrong side" in why
 
 
+
+def test_what_would_decide_counts_only_the_prompts_part_of_an_interval_with_run_noise():
+    # point -0.1, the combined bound +0.08 (0.18 above it); the prompts' own bound -0.04 (0.06 above it):
+    # the run part sqrt(0.18^2 - 0.06^2) = 0.17 alone spans the 0.1 to 0, so no number of prompts decides it
+    m = paired(reid=NOISE)
+    m[REID_DIFF + "/prompt_ci_high"] = -0.04
+    ok, why = verdict(m, CFG)
+    assert not ok and ("(its interval reaches 0; no number of dup prompts would decide it: training-run noise alone "
+                       "(+/-0.17) spans the 0.1 to the limit; more training seeds per model would)") in why
+    # the prompts' bound +0.06 (0.16 above): run^2 = 0.0324 - 0.0256, prompts 0.0256 / (0.01 - 0.0068) = 8x
+    m[REID_DIFF + "/prompt_ci_high"] = 0.06
+    assert "about 8.0x the 40 dup prompts (320) would decide it" in verdict(m, CFG)[1]
+
 def test_the_significance_flag_after_the_multiplicity_control_is_authoritative():
     # the interval lies below 0, but the control across variants did not keep it: refused
     ok, why = verdict(paired(significant={"reid": 0.0}), CFG)

@@ -58,6 +58,28 @@ def test_a_star_from_prompts_alone_is_lost_when_a_rerun_moves_as_much():
     assert alone["small"][f"{CHANGE}/significant"] == -1.0 and alone["small"]["runs/measured"] == 0.0
 
 
+
+def test_a_set_statistics_relative_change_takes_its_run_noise_in_its_own_units():
+    # FD's relative change is its difference over the baseline's uncorrected FD (`/scale`, 4.0 here), not over
+    # the corrected figure (-1.5, below 0): the run noise 0.4 in FD becomes 0.1 on the relative scale
+    fd, change = "quality/fd/holdout", "vs_baseline/quality_fd_holdout"
+
+    def run(value, diff=None):
+        m = {fd: value, "prompts/holdout": 40.0}
+        if diff is not None:
+            m |= {f"{change}/diff": diff, f"{change}/diff/ci_low": diff - 0.2, f"{change}/diff/ci_high": diff + 0.2,
+                  change: diff / 4.0, f"{change}/ci_low": (diff - 0.2) / 4.0, f"{change}/ci_high": (diff + 0.2) / 4.0,
+                  f"{change}/scale": 4.0}
+        return m
+
+    sd = 0.4
+    values = -1.5 + sd * np.array([0.0, 1.0, -1.0, 0.0]) / np.std([0.0, 1.0, -1.0, 0.0], ddof=1)
+    replicates = {f"baseline_seed{r}": run(values[r], values[r] + 1.5) for r in (1, 2, 3)}
+    out = with_run_noise({"baseline": run(values[0]), "v": run(-1.0, 0.5), **replicates}, "baseline", tuple(replicates))
+    low, high, _ = combine(0.5, 0.3, 0.7, sd, 4, 40)
+    assert out["v"][f"{change}/diff/ci_low"] == pytest.approx(low)
+    assert out["v"][f"{change}/ci_low"] == pytest.approx(low / 4.0) and out["v"][f"{change}/ci_high"] == pytest.approx(high / 4.0)
+
 def test_a_rerun_is_checked_against_the_first_runs_intervals(tmp_path, capsys):
     import json
 

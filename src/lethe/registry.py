@@ -14,10 +14,11 @@ the dup prompts' re-identification rate, `replication/reid_rate/dup`, what a pri
 Among the qualified the order is set in advance and conservative, never by point estimates: the lowest upper
 bound of the criterion's change, then the lowest upper bound of the FD change, then the highest lower bound
 of the accuracy change, then the name. With none qualified, the baseline stays champion, and each refusal
-says what would decide it: which interval was too wide and, as an interval's half-width shrinks as
-1/sqrt(n), about how many times the prompts would bring its bound across (or that none would, the point
-itself lying on the wrong side; a rough guide, as training-run noise in an interval does not shrink with
-prompts). Every variant's verdict and reason is kept (`reports/registry.json`, a version tag). A version
+says what would decide it: which interval was too wide and about how many times the prompts would bring
+its bound across. Only the prompts' part of the interval (`.../prompt_ci_*`, kept beside it) shrinks as
+1/sqrt(n); the training-run part (the rest, in quadrature) does not, so when it alone spans the room to the
+limit, or the point itself lies on the wrong side, no number of prompts would, and the reason says which
+(more training seeds per model would). A rough guide: it reads the normal approximation. Every variant's verdict and reason is kept (`reports/registry.json`, a version tag). A version
 whose model files are already registered is reused, not registered twice.
 """
 
@@ -70,16 +71,29 @@ def _change(m: dict[str, float], prefix: str, missing: list[str]) -> tuple[float
     return None if None in values else tuple(values)
 
 
+def _prompt_bound(m: dict[str, float], prefix: str, side: str, point: float) -> float | None:
+    """The distance from the point to the prompts' own bound on `side`, where training-run noise was added
+    (`prefix/prompt_ci_low|high`); None where the interval is the prompts' alone."""
+    bound = _number(m, f"{prefix}/prompt_{side}")
+    return None if bound is None else abs(bound - point)
+
+
 def _sig2(x: float) -> str:
     return f"{float(f'{x:.2g}'):.0f}" if x >= 10 else f"{x:.2g}"
 
 
-def _decide(half: float, margin: float, n: float | None, group: str) -> tuple[float, str]:
-    """How many times the prompts would bring a bound `half` from its point to the limit `margin` from it:
-    (half / margin)^2, an interval's half-width shrinking as 1/sqrt(n)."""
+def _decide(half: float, margin: float, n: float | None, group: str, prompt_half: float | None = None) -> tuple[float, str]:
+    """How many times the prompts would bring a bound `half` from its point to the limit `margin` from it.
+    The prompts' part `prompt_half` shrinks as 1/sqrt(n), the training-run part sqrt(half^2 - prompt_half^2)
+    not: (prompt_half^2 / (margin^2 - run^2)); without a run part, (half / margin)^2."""
     if margin <= 0:
         return math.inf, f"no number of {group} prompts would decide it: the point itself is on the wrong side"
-    multiple = (half / margin) ** 2
+    prompt_half = half if prompt_half is None else min(abs(prompt_half), half)
+    run = math.sqrt(max(half ** 2 - prompt_half ** 2, 0.0))
+    if run >= margin:
+        return math.inf, (f"no number of {group} prompts would decide it: training-run noise alone (+/-{run:.2g}) "
+                          f"spans the {margin:.2g} to the limit; more training seeds per model would")
+    multiple = prompt_half ** 2 / (margin ** 2 - run ** 2)
     times = f"{multiple:.1f}x" if multiple < 10 else f"{multiple:.0f}x"
     if n is None:
         return multiple, f"about {times} the {group} prompts would decide it"
@@ -107,7 +121,7 @@ def assess(m: dict[str, float], cfg: RegistryConfig) -> Assessment:
     shown = f"{name} change {d:+.3f} [{low:+.3f}, {high:+.3f}]"
     if high >= 0:
         why = "a significant increase" if low > 0 else "its interval reaches 0"
-        multiple, decide = _decide(high - d, -d, dup, "dup")
+        multiple, decide = _decide(high - d, -d, dup, "dup", _prompt_bound(m, change_key(key) + "/diff", HIGH, d))
         failed.append(f"{shown} is not a significant reduction ({why}; {decide})")
         needed.append(multiple)
     elif flag is not None and flag != -1:
@@ -121,7 +135,8 @@ def assess(m: dict[str, float], cfg: RegistryConfig) -> Assessment:
     (point, low, high), tol = fd, cfg.fd_tolerance
     shown = f"FD {point:+.0%} [{low:+.0%}, {high:+.0%}]"
     if high > tol:
-        multiple, decide = _decide(high - point, tol - point, holdout, "holdout")
+        multiple, decide = _decide(high - point, tol - point, holdout, "holdout",
+                                   _prompt_bound(m, change_key(FD), HIGH, point))
         failed.append(f"{shown}: its upper bound is beyond the tolerance of +{tol:.0%} ({decide})")
         needed.append(multiple)
     else:
@@ -130,7 +145,8 @@ def assess(m: dict[str, float], cfg: RegistryConfig) -> Assessment:
     (point, low, high), tol = accuracy, cfg.accuracy_tolerance
     shown = f"prompt accuracy {point:+.3f} [{low:+.3f}, {high:+.3f}]"
     if low < -tol:
-        multiple, decide = _decide(point - low, point + tol, holdout, "holdout")
+        multiple, decide = _decide(point - low, point + tol, holdout, "holdout",
+                                   _prompt_bound(m, change_key(ACCURACY) + "/diff", LOW, point))
         failed.append(f"{shown}: its lower bound is more than {tol} below the baseline's ({decide})")
         needed.append(multiple)
     else:

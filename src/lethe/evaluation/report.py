@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lethe.evaluation.intervals import HIGH, LOW, change_key, mean_of, paired, per_prompt  # noqa: E402
-from lethe.evaluation.runs import FAMILY, combine  # noqa: E402
+from lethe.evaluation.runs import ENDPOINTS, FAMILY, combine  # noqa: E402
 from lethe.paths import CALIBRATION, DATA_METRICS, DETECT_METRICS, LOCALIZE_METRICS  # noqa: E402
 
 # (column title, metric key): the comparison a reader wants first. Every figure carries its 95% interval
@@ -172,22 +172,13 @@ def controls_section(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-# the endpoints of the A/A rows: (title, change key judged by its difference)
-AA_ENDPOINTS = (("dup rate (copy)", "vs_baseline/replication_rate_dup/diff"),
-                ("dup rate (re-identification)", "vs_baseline/replication_reid_rate_dup/diff"),
-                ("dup own rel. L2", "vs_baseline/replication_own_rel_l2_dup/diff"),
-                ("holdout rate (copy)", "vs_baseline/replication_rate_holdout/diff"),
-                ("FD (holdout)", "vs_baseline/quality_fd_holdout/diff"),
-                ("KID (holdout)", "vs_baseline/quality_kid_holdout/diff"),
-                ("prompt accuracy (holdout)", "vs_baseline/quality_prompt_accuracy_holdout/diff"))
-
 
 def aa_section(replicates: dict[str, dict[str, float]]) -> str:
     """The baseline against itself at other training seeds, through the procedure every variant goes
     through: what it marks here are its false alarms (at most its nominal 5% of the comparisons)."""
     if not replicates:
         return ""
-    shown = [(title, key) for title, key in AA_ENDPOINTS if any(key in m for m in replicates.values())]
+    shown = [(title, key) for title, key in ENDPOINTS if any(key in m for m in replicates.values())]
     lines = ["## A/A: the baseline against itself at other training seeds\n",
              "Each replicate is the baseline fine-tuned again at `finetune.seed` + r, compared with the baseline "
              "exactly as a variant is (paired prompts and generation seeds, prompt bootstrap plus training-run "

@@ -18,15 +18,8 @@ from pathlib import Path
 
 from lethe.errors import LetheError
 from lethe.evaluation.intervals import HIGH, LOW
-from lethe.evaluation.runs import with_run_noise
+from lethe.evaluation.runs import ENDPOINTS, with_run_noise
 from lethe.methods import CANDIDATES, REPLICATES
-
-# (title, change key): the endpoints the report's rows judge
-ENDPOINTS = (("dup rate (copy)", "vs_baseline/replication_rate_dup/diff"),
-             ("dup rate (re-identification)", "vs_baseline/replication_reid_rate_dup/diff"),
-             ("dup own rel. L2", "vs_baseline/replication_own_rel_l2_dup/diff"),
-             ("FD (holdout)", "vs_baseline/quality_fd_holdout/diff"),
-             ("prompt accuracy (holdout)", "vs_baseline/quality_prompt_accuracy_holdout/diff"))
 
 
 def load_run(folder: str | Path) -> dict[str, dict[str, float]]:

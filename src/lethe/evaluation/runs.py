@@ -32,6 +32,15 @@ from lethe.evaluation.intervals import ALPHA, HIGH, LOW, change_key
 Z = stats.norm.ppf(1 - ALPHA / 2)
 # the primary endpoints: Holm across the variants on each
 FAMILY = ("replication/rate/dup", "replication/reid_rate/dup")
+# every change the report judges, as (title, change key judged by its difference): the A/A rows' columns and
+# the endpoints a re-run is checked on
+ENDPOINTS = (("dup rate (copy)", "vs_baseline/replication_rate_dup/diff"),
+             ("dup rate (re-identification)", "vs_baseline/replication_reid_rate_dup/diff"),
+             ("dup own rel. L2", "vs_baseline/replication_own_rel_l2_dup/diff"),
+             ("holdout rate (copy)", "vs_baseline/replication_rate_holdout/diff"),
+             ("FD (holdout)", "vs_baseline/quality_fd_holdout/diff"),
+             ("KID (holdout)", "vs_baseline/quality_kid_holdout/diff"),
+             ("prompt accuracy (holdout)", "vs_baseline/quality_prompt_accuracy_holdout/diff"))
 
 
 def run_noise(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -79,13 +88,15 @@ def with_run_noise(metrics: dict[str, dict[str, float]], baseline: str, replicat
     """Every variant's changes against the baseline with training-run noise in their intervals (prompt-only
     intervals kept as `.../prompt_ci_low`, `.../prompt_ci_high`), `.../p`, and Holm's flag on the FAMILY.
     Without at least one replicate beside the baseline, the metrics come back as they were, flagged
-    `runs/measured` 0."""
+    `runs/measured` 0. The baseline's entry carries each figure's run noise, `runs/sd/<figure>`."""
     runs = [metrics[baseline]] + [metrics[r] for r in replicates if r in metrics]
     spread = run_noise(runs)
     out = {}
     for variant, values in metrics.items():
         values = dict(values)
         values["runs/measured"] = float(len(runs) if len(runs) > 1 else 0)
+        if variant == baseline:
+            values |= {f"runs/sd/{figure}": sd for figure, sd in spread.items()}
         if variant != baseline and len(runs) > 1:
             for figure, sd in spread.items():
                 values |= _combined(values, figure, sd, len(runs), metrics[baseline].get(figure))
@@ -106,14 +117,16 @@ def _combined(values: dict[str, float], figure: str, sd: float, runs: int, base_
     low, high, p = combine(values[diff], values[f"{diff}/{LOW}"], values[f"{diff}/{HIGH}"], sd, runs, n_prompts)
     sign = float(np.sign(low)) if np.sign(low) == np.sign(high) else 0.0
     out = {f"{diff}/prompt_{LOW}": values[f"{diff}/{LOW}"], f"{diff}/prompt_{HIGH}": values[f"{diff}/{HIGH}"],
-           f"{diff}/{LOW}": low, f"{diff}/{HIGH}": high, f"{diff}/p": p, f"{name}/significant": sign,
-           f"{figure}/run_sd": sd}
-    if base_point and values.get(f"{name}/{LOW}") is not None and values.get(name) is not None:
+           f"{diff}/{LOW}": low, f"{diff}/{HIGH}": high, f"{diff}/p": p, f"{name}/significant": sign}
+    # the relative change's unit: a set statistic's recorded scale, else the baseline's figure (a ratio)
+    unit = values.get(f"{name}/scale") or base_point
+    if unit and values.get(f"{name}/{LOW}") is not None and values.get(name) is not None:
         # the relative change: its own prompt interval (which carries the baseline figure's uncertainty too),
         # with the run noise on the same scale
         rel_low, rel_high, _ = combine(values[name], values[f"{name}/{LOW}"], values[f"{name}/{HIGH}"],
-                                       sd / abs(base_point), runs, n_prompts)
-        out |= {f"{name}/{LOW}": rel_low, f"{name}/{HIGH}": rel_high}
+                                       sd / abs(unit), runs, n_prompts)
+        out |= {f"{name}/prompt_{LOW}": values[f"{name}/{LOW}"], f"{name}/prompt_{HIGH}": values[f"{name}/{HIGH}"],
+                f"{name}/{LOW}": rel_low, f"{name}/{HIGH}": rel_high}
     return out
 
 

@@ -38,7 +38,7 @@ def report(params) -> str:
              if {method, control} <= set(metrics) and outcomes_file(method).exists() and outcomes_file(control).exists()]
     outcomes = {v: load_outcomes(outcomes_file(v)) for pair in pairs for v in pair}
     runs = int(measured["baseline"]["runs/measured"])
-    run_sd = next((m["replication/rate/dup/run_sd"] for m in metrics.values() if "replication/rate/dup/run_sd" in m), 0.0)
+    run_sd = measured["baseline"].get("runs/sd/replication/rate/dup", 0.0)
     sections = (aa_section(replicates)
                 + controls_section(against_controls(pairs, outcomes, params.evaluate.bootstrap, run_sd, runs)) + detection_section()
                 + memcontrol_section(metrics) + data_section())
