@@ -140,6 +140,16 @@ def make_folder(root, entries, size=(40, 30)):
     return root
 
 
+def test_metadata_saved_with_a_byte_order_mark_reads_like_without(tmp_path):
+    entries = [{"file_name": "a.png", "text": "a cat"}, {"file_name": "b.png", "text": "a dog"}]
+    folder = make_folder(tmp_path / "imgs", entries)
+    plain = read_image_folder(folder, 16, 1)
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())  # UTF-8 with a BOM, as Windows Notepad saves
+    images, captions, names = read_image_folder(folder, 16, 1)
+    assert np.array_equal(images, plain[0]) and captions == plain[1] and names == plain[2]
+
+
 def test_image_folder_resizes(tmp_path):
     folder = make_folder(tmp_path / "imgs", [{"file_name": "a.png", "text": "a cat"}, {"file_name": "b.png", "text": "a dog"}])
     images, captions, names = read_image_folder(folder, 16, 3)

@@ -199,6 +199,11 @@ def test_random_caption_words_come_from_the_vocabulary():
     out = noise("a red cat").split()
     assert out[:3] == ["a", "red", "cat"] and len(out) == 5
     assert set(out[3:]) <= {"a", "red", "blue", "cat", "dog"}
+    # a draw's words depend on the draw (step, position) alone: a resumed run draws what the whole run drew
+    many = RandomCaptionWords(["a b c d e f g h i j k l"], words=3, probability=1.0, seed=0)
+    first = [many("x", (step, 0)) for step in range(5)]
+    assert [many("x", (step, 0)) for step in reversed(range(5))] == first[::-1]
+    assert len(set(first)) > 1 and many("x", (2, 1)) != many("x", (2, 0))
 
 
 def test_step_batches_resume_with_the_same_batches():

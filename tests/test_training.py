@@ -126,3 +126,28 @@ def test_a_resumable_run_is_keyed_by_the_files_its_method_reads(project, smoke_p
     (project / inputs[0]).write_text("[0.1, 0.3]")
     assert checkpoint_dir(smoke_params, "random_skip", "train", "data", inputs) != first
     assert training_method("loyal").needs == ("search/loyal.json",)  # train() keys loyal by its choice
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit_without_a_warning(smoke_params, tiny_data, tiny_model,
+                                                                                   tmp_path):
+    import copy
+    import warnings
+
+    # caption dropout, noise and timesteps are drawn each step; EMA and AdamW carry state across steps
+    changes = dict(steps=12, checkpoint_every=5, ema_decay=0.9, caption_dropout=0.3)
+    fresh = [copy.deepcopy(tiny_model) for _ in range(2)]
+    module, dataset, cfg = setup(smoke_params, tiny_data, tiny_model, **changes)
+    fit(module, dataset, cfg, tmp_path / "whole")
+    killed, dataset, cfg = setup(smoke_params, tiny_data, fresh[0], **changes)
+    torch.manual_seed(123)  # the process's own RNG state must not matter
+    with pytest.raises(Crash):
+        fit(killed, dataset, cfg, tmp_path / "killed", callbacks=[StopAt(7, Crash())])
+    resumed, dataset, cfg = setup(smoke_params, tiny_data, fresh[1], **changes)  # a new process builds it again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(resumed, dataset, cfg, tmp_path / "killed")
+    assert result.resumed_from is not None and result.steps == 12
+    assert not [str(w.message) for w in caught if "unreliable" in str(w.message) or "not resumable" in str(w.message)]
+    whole, again = module.state_dict(), resumed.state_dict()
+    assert whole.keys() == again.keys()
+    assert all(torch.equal(whole[k], again[k]) for k in whole), [k for k in whole if not torch.equal(whole[k], again[k])]

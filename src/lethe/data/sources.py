@@ -35,7 +35,7 @@ def read_image_folder(folder: str | Path, resolution: int, channels: int):
     if not metadata.exists():
         raise LetheError(f"{metadata}: not found; an image folder needs metadata.jsonl with file_name and text")
     try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad's) is skipped
     except UnicodeDecodeError as exc:
         raise LetheError(f"{metadata}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
     images, captions, names = [], [], []

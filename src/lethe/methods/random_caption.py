@@ -15,17 +15,18 @@ class RandomCaptionConfig(Section):
 
 
 class RandomCaptionWords:
-    """Append random words from the captions' vocabulary each time a caption is drawn."""
+    """Append random words from the captions' vocabulary each time a caption is drawn. The words of a draw
+    (step, position in the batch) come from a generator seeded by it, so a resumed run draws the same."""
 
     def __init__(self, captions: list[str], words: int, probability: float, seed: int):
         self.vocabulary = sorted({w for c in captions for w in c.split()})
-        self.words, self.probability = words, probability
-        self.rng = np.random.default_rng(seed)
+        self.words, self.probability, self.seed = words, probability, seed
 
-    def __call__(self, caption: str) -> str:
-        if self.rng.random() >= self.probability:
+    def __call__(self, caption: str, draw: tuple[int, int] = (0, 0)) -> str:
+        rng = np.random.default_rng([self.seed, *(d + 1 for d in draw)])  # step -1 (no step) stays >= 0
+        if rng.random() >= self.probability:
             return caption
-        return " ".join([caption, *self.rng.choice(self.vocabulary, self.words)])
+        return " ".join([caption, *rng.choice(self.vocabulary, self.words)])
 
 
 def caption_noise(params, captions: list[str]) -> RandomCaptionWords:

@@ -41,7 +41,8 @@ from lethe.training.module import DiffusionTraining
 class CaptionedImages(Dataset):
     """Training records (duplicates already expanded) as image tensors and token ids.
 
-    `caption_noise`, when given, rewrites a caption each time it is drawn (random caption words).
+    `caption_noise(caption, draw)`, when given, rewrites a caption each time it is drawn (random caption
+    words), its randomness a function of the draw (step, position in the global batch) alone.
     `latents`, when given (the latent path), are the cached VAE latents of every prepared image: items
     then carry `latents` instead of `images`, and training never runs the VAE encoder.
     """
@@ -57,12 +58,13 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        i, step = key if isinstance(key, tuple) else (key, -1)  # StepBatches also passes the step
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
+        # StepBatches passes (index, step, position in the global batch): a draw's place in the run
+        i, step, position = key if isinstance(key, tuple) else (key, -1, 0)
         if self.caption_noise is None:
             ids = self.token_ids[i]
         else:
-            ids = self.tokenize([self.caption_noise(self.captions[i])])[0]
+            ids = self.tokenize([self.caption_noise(self.captions[i], (step, position))])[0]
         if self.latents is not None:
             return {"latents": self.latents[self.image_ids[i]], "ids": ids, "index": i, "step": step}
         return {"images": to_float(self.images[self.image_ids[i]]), "ids": ids, "index": i, "step": step}
@@ -92,13 +94,25 @@ class StepBatches(Sampler):
         for step in range(self.start(), self.steps):
             members = self.pool(step)
             rng = np.random.default_rng([self.seed, step])
-            yield [(int(i), step) for i in members[rng.integers(0, len(members), self.batch_size)][share]]
+            drawn = members[rng.integers(0, len(members), self.batch_size)]
+            yield [(int(i), step, position) for position, i in enumerate(drawn)][share]
+
+
+class StepLoader(DataLoader):
+    """A DataLoader over `StepBatches` that tells Lightning it resumes: its position is not its own state
+    but the training module's `batches_done`, which the checkpoint restores before iteration starts."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 def training_loader(dataset: Dataset, cfg: TrainConfig, pool=None, start=lambda: 0, shard=lambda: (1, 0)) -> DataLoader:
     """Exactly `steps` batches, one long epoch, whatever the dataset's size."""
     pool = pool or (lambda step: np.arange(len(dataset)))
-    return DataLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start, shard))
+    return StepLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start, shard))
 
 
 def checkpoint_key(*parts) -> str:
@@ -161,7 +175,8 @@ def _trainer(cfg: TrainConfig, **kwargs) -> L.Trainer:
     for name in ("lightning.pytorch", "lightning.fabric"):  # its banners (GPU available, tips): not the stage's
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return L.Trainer(max_steps=cfg.steps, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        # one epoch of `steps` batches: it ends the fit also where whole batches were skipped (no optimizer step)
+        return L.Trainer(max_steps=cfg.steps, max_epochs=1, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                          strategy=cfg.strategy, precision=cfg.precision, use_distributed_sampler=False, **kwargs)
     except (MisconfigurationException, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -210,7 +225,7 @@ def fit(
     resume = str(last) if last.exists() else None
     started = time.perf_counter()
     loader = training_loader(dataset, cfg, pool=lambda step: module.batch_pool(step, len(dataset)),
-                             start=lambda: module.global_step,  # read after a resume has restored it
+                             start=lambda: int(module.batches_done),  # read after a resume has restored it
                              shard=lambda: (trainer.world_size, trainer.global_rank))
     trainer.fit(module, loader, ckpt_path=resume)
     if sharded:  # the full weights, gathered at the end of training, into the unsharded copy on rank 0

@@ -33,6 +33,11 @@ class Denoised:
     dropped: torch.Tensor  # rows whose caption was dropped for classifier-free guidance
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed of a training step: a function of the run's seed and the step alone."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class DiffusionTraining(L.LightningModule):
     """`keep(step, global_batch_size)`, when given, says which samples of a step's global batch train
     (a method that skips without looking at the samples: the random-skip control)."""
@@ -49,6 +54,9 @@ class DiffusionTraining(L.LightningModule):
         self.register_buffer("empty_ids", model.text_encoder.tokenize([""])[0], persistent=False)
         # each step's skipped share, kept in checkpoints so a resumed run has the whole curve
         self.register_buffer("skipped_per_step", torch.zeros(max(cfg.steps, 1)))
+        # the batches consumed, kept in checkpoints: where a resumed run's batches start (a batch whose samples
+        # are all skipped makes no optimizer step, so the global step can lag it)
+        self.register_buffer("batches_done", torch.zeros((), dtype=torch.long))
 
     def denoise(self, batch: dict, model: DiffusionModel | None = None, t: torch.Tensor | None = None) -> Denoised:
         """Noise the images at random timesteps (or the given ones) and predict the noise.
@@ -108,6 +116,10 @@ class DiffusionTraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.current_step = int(batch["step"][0]) if "step" in batch else self.global_step
+        self.batches_done.fill_(self.current_step + 1)
+        # every draw of this step (caption dropout, noise, timesteps, a method's own) from a stream seeded by
+        # (seed, step): a run resumed at any step draws what an uninterrupted one would
+        torch.manual_seed(step_seed(self.cfg.seed, self.current_step))
         model = self.model_for_step(self.current_step)
         d = self.denoise(batch, model)
         self.check_finite(d.losses.mean())
