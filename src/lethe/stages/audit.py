@@ -104,7 +104,7 @@ def read_prompts(path: str | None) -> list[str]:
     if path is None:
         return []
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is skipped.splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is skipped
     except (OSError, UnicodeDecodeError) as exc:
         raise LetheError(f"{path}: cannot read the prompts file ({type(exc).__name__}); one prompt per line, UTF-8")
     return [line.strip() for line in lines if line.strip()]
