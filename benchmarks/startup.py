@@ -5,10 +5,12 @@ A stage that builds a U-Net cannot start sooner than `import torch` plus diffuse
 (the "diffusers floor": diffusers 0.42 loads torch._dynamo, peft, transformers and every transformer
 model on that import); `over_floor` is what such a stage adds to it.
 
-`warm` is the same fixed cost through the `lethe` command as a stage meets it under `lethe repro` or a
-second `dvc repro` stage: a warm server (lethe.warm) has imported everything and forks the stage. Each
-stage runs in an empty project, where it stops with a one-line error at its first read of an input (its
-first work); `cold` is that command with LETHE_WARM=0, a fresh process importing for itself.
+`cold` is the fixed cost through the `lethe` command as a stage meets it under `dvc repro` (the default:
+a fresh process importing for itself); `warm` the same with LETHE_WARM=1, where a warm server (lethe.warm)
+has imported everything and forks the stage. Each stage runs in an empty project, where it stops with a
+one-line error at its first read of an input (its first work). `saved per stage` is the median of cold -
+warm over the stages, and `saved over the default` that times the default pipeline's stage count
+(`dvc stage list`): what the opt-in warm start would save on a whole `dvc repro`.
 
 Each figure is the best of `--repeats` fresh processes (the least disturbed by the rest of the machine).
 Usage: python benchmarks/startup.py [--repeats 3]
@@ -22,6 +24,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import numpy as np
 
 from lethe.cli import STAGES
 
@@ -47,7 +52,6 @@ COMMANDS = {"shard": [], "pretrain": [], "train": ["baseline"], "featurizer": []
 def through_cli(repeats: int) -> dict[str, dict[str, float]]:
     """Each stage's command to its first work: started warm, and cold."""
     import tempfile
-    from pathlib import Path
 
     from lethe.warm import log_path, socket_path, start_server
 
@@ -93,6 +97,12 @@ def main() -> None:
                             if imports_diffusers(stage)}
     result |= {f"{mode} command to first work": times for mode, times in through_cli(repeats).items()}
     result["warm slowest"] = max(result["warm command to first work"].values())
+    warm, cold = result["warm command to first work"], result["cold command to first work"]
+    saved = float(np.median([cold[s] - warm[s] for s in warm]))
+    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    result |= {"saved per stage": round(saved, 3), "default stages": len(listed),
+               "saved over the default": round(saved * len(listed), 1)}
     print(json.dumps(result, indent=2))
 
 

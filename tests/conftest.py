@@ -16,8 +16,8 @@ if UNDER_XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
-# The `lethe` commands tests start run cold: no warm server (lethe.warm) is left behind in a temporary
-# project. tests/test_warm.py and the end-to-end repro turn it on where they test it.
+# The `lethe` commands tests start run cold, as by default: no warm server (lethe.warm) is left behind in a
+# temporary project. tests/test_warm.py and the end-to-end repro turn it on where they test it.
 os.environ["LETHE_WARM"] = "0"
 
 import torch  # noqa: E402  (after the thread settings above)

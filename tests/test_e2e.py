@@ -37,7 +37,7 @@ def repo(tmp_path_factory):
     sh("lethe", "preset", str(SMOKE.relative_to(ROOT)), cwd=repo, env=env)  # a section it leaves out: at its default
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_ROOT", None)
-    env["LETHE_WARM"] = "1"  # as a user runs it: the stages start warm (lethe.warm)
+    env["LETHE_WARM"] = "1"  # the opt-in warm start (lethe.warm), exercised over the whole graph
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke"]):
         sh(*command, cwd=repo, env=env)

@@ -12,8 +12,9 @@ The cores (the CPU count, capped by OMP_NUM_THREADS when set) are shared out as 
 and each stage's long loops follow it (`lethe.progress`), so the pretraining that runs alone for most of
 its time takes both cores instead of the one it started with beside the featurizer.
 
-The stages start warm: a server that has imported what they import forks each one (`lethe.warm`), so a
-stage's fixed cost is a fork, not 10 s of imports.
+Under LETHE_WARM=1 the stages start warm: a server that has imported what they import forks each one
+(`lethe.warm`), so a stage's fixed cost is a fork, not seconds of imports. Without it (the default) each
+stage is an ordinary process.
 
 Each line a stage prints comes out prefixed with the stage's name, so two stages' progress can be told
 apart in one log. The first failure stops new stages from starting; the running ones finish and are

@@ -1,21 +1,29 @@
-"""A warm start for stages: one process imports what the stages import, and forks a child for each stage.
+"""An opt-in warm start for stages (`LETHE_WARM=1`): one process imports what the stages import, and forks
+a child for each stage.
 
 Every stage is a fresh process, and on a 2-core CPU importing torch, diffusers (which loads torch._dynamo,
-peft and transformers with its U-Net), Lightning and MLflow takes about 10 s before any work: some 50
-stages, 8 minutes of a pipeline. The server imports all of it once and waits on a Unix socket in the
-project (`.lethe/warm-<host>.sock`). `lethe <stage>` hands it its arguments, working directory,
-environment and standard streams; the server forks, and the child, which has imported everything
-already, runs the stage exactly as `lethe <stage>` would, on the caller's terminal or log. Its exit code
-comes back to the caller.
+peft and transformers with its U-Net), Lightning and MLflow takes seconds before any work. The server
+imports all of it once and waits on a Unix socket in the project (`.lethe/warm-<host>.sock`, the folder
+0700). `lethe <stage>` hands it its arguments, working directory, environment, process state (umask,
+ignored signals, CPU affinity, nice, resource limits) and standard streams; the server forks, and the
+child, which has imported everything already, runs the stage as `lethe <stage>` would, on the caller's
+terminal or log. Its exit code comes back to the caller.
 
-The server is started by `lethe repro` for its run, and by the first stage of a `dvc repro` for the next
-ones (that stage runs as before); it exits `IDLE_SECONDS` after the last stage ended. `LETHE_WARM=0`
-turns it all off. It never runs stale code or another setup: a stage is refused (it then runs in its
-own process, as without a server, and the server exits) when any lethe source file or installed package
-changed since the server started, when the caller is another environment or another copy of lethe, or
-when a variable read at import time (PYTHON*, HF_*, TQDM_*, ...) differs. The server only imports, so it
-holds no threads and no CUDA context when it forks. A child ends with its caller: a signal to the caller
-is passed on, and a caller that is killed outright closes the connection, which ends the child.
+Off by default: `dvc repro` runs every stage as an ordinary process. A forked child is not a fresh process
+in ways no check can close (what `time`, `getrusage` and cgroup accounting see; the name `ps` shows), and
+the time it saves is small beside a pipeline's (docs/warm-start.md has the measured figure). With
+`LETHE_WARM=1` the first stage of a `dvc repro` (or `lethe repro`) starts a server for the next ones; it
+exits `IDLE_SECONDS` after the last stage ended.
+
+A request is refused alone (the stage then runs in its own process) when it comes from another user (the
+peer's credentials, checked by the server) or another environment: every variable but a short list that
+differs per stage (`VOLATILE`) must equal the server's. The server exits when any file of a module it has
+imported, any lethe source file or an installed package's folder changed since it started. The child
+re-applies the variables the server's imports set, reseeds torch and numpy as a fresh process would, and
+holds no lock or CUDA context. A child ends with its caller: a signal to the caller is passed on (unless
+the caller ignores it), and a caller that is killed outright closes the connection, which ends the child.
+Anything that cannot be set up (no writable, private `.lethe/`, no peer credentials on this platform)
+makes the stage run cold.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pathlib import Path
 
 from lethe.devices import RANK_VARIABLES
 
-SWITCH = "LETHE_WARM"  # "0": no server; anything else (or unset): use one, start one if none listens
+SWITCH = "LETHE_WARM"  # "1": use a server, start one if none listens; anything else (or unset): none
 IDLE_SECONDS = 120.0  # after the last stage ended
 POLL_SECONDS = 1.0
 FIRST_REPLY_SECONDS = 300.0  # a server still importing on a loaded machine; past this the stage runs cold
@@ -42,16 +50,18 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # what the stages import when they run rather than at their top (kept out of their import path on purpose)
 LAZY_IMPORTS = ("torchmetrics.image.fid", "matplotlib.pyplot", "lightning.pytorch", "optuna", "peft",
                 "transformers.models.clip", "sklearn.metrics", "mlflow.pyfunc", "threadpoolctl")
-# variables the libraries read when they are imported: a caller whose values differ runs cold. The
-# thread counts are not among them: the child sets torch's and the BLAS libraries' from OMP_NUM_THREADS.
-IMPORT_TIME = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS_", "DIFFUSERS_", "TQDM_", "TORCH", "CUDA_",
-               "OPENBLAS_", "KMP_", "LIGHTNING_", "PL_", "MPLBACKEND", "LD_")
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# the variables that may differ between the server's environment and a caller's: set per stage by DVC or the
+# shell, or applied by the child itself (threads). Every other variable must be equal, or the stage runs cold.
+VOLATILE = ("DVC_", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS", SWITCH, *THREADS)
+# the caller's ignored signals that the child must ignore too (`nohup lethe train ...`)
+IGNORABLE = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def enabled() -> bool:
-    """Not under LETHE_WARM=0, and not in a DDP worker (rank > 0 or any launcher's rank variable): those start cold."""
-    return os.environ.get(SWITCH, "1") != "0" and not any(os.environ.get(name) for name in RANK_VARIABLES)
+    """Under LETHE_WARM=1, and not in a DDP worker (rank > 0 or any launcher's rank variable): those start cold."""
+    return os.environ.get(SWITCH) == "1" and not any(os.environ.get(name) for name in RANK_VARIABLES)
 
 
 def socket_path(root: Path | None = None) -> Path:
@@ -65,27 +75,79 @@ def log_path(path: Path) -> Path:
     return path.with_suffix(".log")
 
 
-def fingerprint() -> str:
+def _stat(path: str | Path) -> tuple[str, int, int]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return (str(path), -1, -1)
+    return (str(path), info.st_mtime_ns, info.st_size)
+
+
+def fingerprint(modules: bool = True) -> str:
     """What the imported code was built from: every lethe source file and the folders packages live in
-    (installing or upgrading one changes its folder). Compared before every fork."""
+    (installing one changes its folder); with `modules`, also every file of a module imported so far (an
+    in-place edit of an installed package, another editable install, a PYTHONPATH folder) and every folder
+    on sys.path. The server compares it before every fork."""
     import lethe
 
-    files = sorted(Path(lethe.__file__).parent.rglob("*.py"))
-    stats = [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files]
-    folders = sorted({p for p in sys.path if p and "site-packages" in p and Path(p).is_dir()})
-    return json.dumps(stats + [(d, Path(d).stat().st_mtime_ns, 0) for d in folders])
+    files = {str(f) for f in Path(lethe.__file__).parent.rglob("*.py")}
+    folders = {p for p in sys.path if p and "site-packages" in p and Path(p).is_dir()}
+    if modules:
+        files |= {f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)}
+        folders |= {p for p in sys.path if p and Path(p).is_dir()}
+    return json.dumps([_stat(f) for f in sorted(files)] + [_stat(d) for d in sorted(folders)])
 
 
-def import_time_environment(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME)}
+def comparable(env: dict[str, str]) -> dict[str, str]:
+    """The variables a caller and the server must agree on: all but the VOLATILE ones."""
+    return {k: v for k, v in env.items() if not (k.startswith(VOLATILE[0]) or k in VOLATILE[1:])}
 
 
 def setup() -> dict:
     """What a caller and the server must share for a child to be the process the caller would have been."""
     import lethe
 
-    return {"prefix": sys.prefix, "package": lethe.__file__, "uid": os.getuid(),
-            "environment": import_time_environment(dict(os.environ))}
+    return {"prefix": sys.prefix, "package": lethe.__file__, "environment": comparable(dict(os.environ))}
+
+
+def process_state() -> dict:
+    """The caller's state that a forked child would otherwise take from the server."""
+    import resource
+
+    umask = os.umask(0)
+    os.umask(umask)
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
+    return {"umask": umask, "nice": os.nice(0), "limits": limits,
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ignored": [int(s) for s in IGNORABLE if signal.getsignal(s) is signal.SIG_IGN]}
+
+
+def peer_uid(connection: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket; None where the platform cannot say."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
+
+
+def private_folder(folder: Path) -> bool:
+    """`.lethe/` made 0700 where missing (closed to others where it is ours and open); usable only when it is
+    a real folder (not a link), ours, and closed to others."""
+    import stat
+
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(folder, stat.S_IMODE(info.st_mode) & 0o700)
+            info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -95,19 +157,21 @@ def run_warm(argv: list[str]) -> int | None:
     if not enabled():
         return None
     path = socket_path()
+    if not private_folder(path.parent):
+        return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(str(path))
-        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        if uid != os.getuid():  # someone else's server: it would get this environment and terminal
-            connection.close()
-            return None
     except OSError:
         connection.close()
         start_server(IDLE_SECONDS, path)
         return None
+    if peer_uid(connection) != os.getuid():  # someone else's server, or no way to tell: it would get our terminal
+        connection.close()
+        return None
     with connection:
-        request = {"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ), **setup()}
+        request = {"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ), **setup(),
+                   "state": process_state()}
         try:
             socket.send_fds(connection, [b"L"], [0, 1, 2])
             connection.sendall(json.dumps(request).encode() + b"\n")
@@ -128,7 +192,8 @@ def run_warm(argv: list[str]) -> int | None:
             except ProcessLookupError:
                 pass
 
-        previous = {s: signal.signal(s, pass_on) for s in FORWARDED}
+        # an ignored signal stays ignored (the child ignores it too): `nohup lethe train` outlives its terminal
+        previous = {s: signal.signal(s, pass_on) for s in FORWARDED if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             code = next((int(line.split()[1]) for line in replies if line.startswith("EXIT ")), None)
         finally:
@@ -142,22 +207,31 @@ def run_warm(argv: list[str]) -> int | None:
     return code
 
 
-def start_server(idle: float, path: Path) -> subprocess.Popen | None:
+def start_server(idle: float, path: Path, environment: dict[str, str] | None = None) -> subprocess.Popen | None:
     """A server for this project in the background, its output in the log beside the socket; None where
     one cannot be started here (no writable .lethe/, or its imports failed on this very code)."""
+    if not private_folder(path.parent):
+        return None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if (path.with_suffix(".failed")).read_text() == fingerprint():
+        if (path.with_suffix(".failed")).read_text() == fingerprint(modules=False):
             return None  # the last server could not import this code; the stages run cold and say why
     except FileNotFoundError:
         pass
     except OSError:
         return None
-    env = {k: v for k, v in os.environ.items() if k not in THREADS}
-    with open(log_path(path), "a") as log:
+    env = {k: v for k, v in (os.environ if environment is None else environment).items() if k not in THREADS}
+    try:
+        log = os.open(log_path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    try:
         # -P: the project folder is not put on sys.path (its files must not shadow installed modules)
         return subprocess.Popen([sys.executable, "-P", "-m", "lethe.warm", str(path), str(idle)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    except OSError:
+        return None
+    finally:
+        os.close(log)
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -166,11 +240,14 @@ def _listen(path: Path):
     if another holds it). Bound before the imports, so that a stage arriving meanwhile waits for them."""
     import fcntl
 
-    lock = open(path.with_suffix(".lock"), "w")  # held for the server's life; the kernel drops it at exit
+    try:  # held for the server's life; the kernel drops it at exit (children close their copy)
+        lock = os.open(path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None, None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.close()
+        os.close(lock)
         return None, None
     path.unlink(missing_ok=True)  # a dead server's socket
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -179,7 +256,7 @@ def _listen(path: Path):
     except OSError as exc:  # e.g. a path longer than a socket name may be
         print(f"lethe warm: cannot listen on {path}: {exc}", flush=True)
         server.close()
-        lock.close()
+        os.close(lock)
         return None, None
     os.chmod(path, 0o600)
     server.listen(16)
@@ -190,11 +267,15 @@ def serve(path: Path, idle: float) -> None:
     import importlib
     import pkgutil
 
+    if not private_folder(path.parent):
+        print(f"lethe warm: {path.parent} is not a private folder of this user; no server", flush=True)
+        return
     server, lock = _listen(path)
     if server is None:
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that `finally` removes the socket
     try:
+        before = dict(os.environ)
         built, shared, started = fingerprint(), setup(), time.perf_counter()  # before the imports: an edit
         try:                                                                  # during them is seen as one
             import lethe.stages
@@ -204,20 +285,32 @@ def serve(path: Path, idle: float) -> None:
             for name in LAZY_IMPORTS:
                 importlib.import_module(name)
         except Exception:
-            path.with_suffix(".failed").write_text(built)
+            path.with_suffix(".failed").write_text(fingerprint(modules=False))
             raise
         import torch
 
         threads = torch.get_num_threads()
+        imported = {k: v for k, v in os.environ.items() if before.get(k) != v}  # what the imports set
+        code = fingerprint()  # now over every imported module's file as well
+        if not _same_files(built, code):
+            print("lethe warm: code changed during the imports, exiting", flush=True)
+            return
         print(f"lethe warm: {path} ready in {time.perf_counter() - started:.1f} s", flush=True)
-        _accept(server, idle, built, shared, threads)
+        _accept(server, idle, code, shared, threads, imported, lock)
     finally:
         server.close()
         path.unlink(missing_ok=True)  # ours: we hold the lock
-        lock.close()
+        os.close(lock)
 
 
-def _accept(server: socket.socket, idle: float, built: str, shared: dict, threads: int) -> None:
+def _same_files(first: str, second: str) -> bool:
+    """Whether every file in the first fingerprint has the same stat in the second."""
+    later = {row[0]: row for row in json.loads(second)}
+    return all(later.get(row[0], row) == row for row in json.loads(first))
+
+
+def _accept(server: socket.socket, idle: float, built: str, shared: dict, threads: int, imported: dict,
+            lock: int) -> None:
     children, last = set(), time.monotonic()
     server.settimeout(POLL_SECONDS)
     while children or time.monotonic() - last < idle:
@@ -240,19 +333,23 @@ def _accept(server: socket.socket, idle: float, built: str, shared: dict, thread
                 os.close(fd)
             connection.close()
             continue
-        mine = {key: request.get(key) for key in shared} == shared
-        why = None if mine and len(fds) == 3 else "another environment, copy of lethe, user or import-time variable"
-        why = why or (None if fingerprint() == built else "lethe's code or the installed packages changed")
-        if why:
-            print(f"lethe warm: refused {request.get('argv')} ({why}), exiting", flush=True)
+        stale = fingerprint() != built
+        why = ("another user" if peer_uid(connection) != os.getuid()
+               else _differences(request, shared) or ("" if len(fds) == 3 else "no standard streams"))
+        if why or stale:
+            why = why or "lethe's code or an imported module's file changed since the server started"
+            print(f"lethe warm: refused {request.get('argv')} ({why}){', exiting' if stale else ''}", flush=True)
             for fd in fds:
                 os.close(fd)
             connection.close()
-            return
+            if stale:
+                return
+            continue
         pid = os.fork()
         if pid == 0:
             server.close()
-            _child(connection, fds, request, threads)  # never returns
+            os.close(lock)  # a long stage must not keep the next server from starting
+            _child(connection, fds, request, threads, imported)  # never returns
         for fd in fds:
             os.close(fd)
         connection.close()
@@ -262,7 +359,18 @@ def _accept(server: socket.socket, idle: float, built: str, shared: dict, thread
     print(f"lethe warm: idle for {idle:.0f} s, exiting", flush=True)
 
 
-def _child(connection: socket.socket, fds: list[int], request: dict, threads: int) -> None:
+def _differences(request: dict, shared: dict) -> str:
+    """Why a caller is not the setup the server imported for ("" when it is): the copy of lethe, its
+    environment, or the variables that differ (their names only)."""
+    for key in ("prefix", "package"):
+        if request.get(key) != shared[key]:
+            return f"another {'environment' if key == 'prefix' else 'copy of lethe'}"
+    theirs, ours = request.get("environment") or {}, shared["environment"]
+    names = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    return f"variables differ: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else ""
+
+
+def _child(connection: socket.socket, fds: list[int], request: dict, threads: int, imported: dict) -> None:
     """Become `lethe <argv>` run by the caller: its streams, directory, environment, threads; then end as
     that process would (exit handlers, logging), and only then tell the caller the exit code."""
     code, ran = 1, False
@@ -274,7 +382,10 @@ def _child(connection: socket.socket, fds: list[int], request: dict, threads: in
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-        become(request, threads)
+        try:
+            become(request, threads, imported)
+        except Exception:  # noqa: BLE001 (a state it cannot take: no PID goes back, and the caller runs cold)
+            os._exit(1)
         connection.sendall(f"PID {os.getpid()}\n".encode())  # first, so that nothing overtakes it
         threading.Thread(target=_end_with_caller, args=(connection,), daemon=True).start()
         from lethe.cli import main
@@ -297,11 +408,13 @@ def _child(connection: socket.socket, fds: list[int], request: dict, threads: in
         os._exit(code)
 
 
-def become(request: dict, threads: int) -> None:
-    """The caller's directory, environment, command line, `__main__` and threads, in this process."""
+def become(request: dict, threads: int, imported: dict | None = None) -> None:
+    """The caller's directory, environment (with what the server's imports set, as the caller's own imports
+    would have), process state, command line, `__main__`, threads and a fresh process's random state."""
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**(imported or {}), **request["env"]})
+    _take_state(request.get("state"))
     sys.argv = [request["argv0"], *request["argv"]]
     # `__main__` is the caller's script, not this module: Lightning's DDP launcher re-runs it for the
     # other ranks (with __spec__ None, as `python <script> args`)
@@ -310,8 +423,29 @@ def become(request: dict, threads: int) -> None:
     sys.modules["__main__"] = main_module
     _set_threads(threads)
     import numpy as np
+    import torch
 
     np.random.seed()  # a fresh process draws numpy's global state from entropy; so does each child
+    torch.manual_seed(torch.initial_seed())  # and starts torch's from its fixed default, not the server's state
+
+
+def _take_state(state: dict | None) -> None:
+    """The caller's umask, ignored signals, CPU affinity, nice and resource limits. One that cannot be
+    taken (a limit above the server's hard limit) raises: the child then ends, and the caller runs cold."""
+    if not state:
+        return
+    import resource
+
+    os.umask(state["umask"])
+    for number in state["ignored"]:
+        signal.signal(number, signal.SIG_IGN)
+    if state.get("affinity") is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, state["affinity"])
+    if state["nice"] != os.nice(0):
+        os.nice(state["nice"] - os.nice(0))
+    for name, limits in state["limits"].items():
+        if hasattr(resource, name) and tuple(limits) != resource.getrlimit(getattr(resource, name)):
+            resource.setrlimit(getattr(resource, name), tuple(limits))
 
 
 def _set_threads(default: int) -> None:

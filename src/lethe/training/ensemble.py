@@ -92,7 +92,8 @@ class ProxyEnsemble(DiffusionTraining):
                                  for _ in range(self.shards))
         self.register_buffer("assignment", torch.as_tensor(assignment, dtype=torch.long))
         self.register_buffer("skips", torch.zeros(len(assignment), dtype=torch.long))
-        self.round_seen = self.round_skipped = 0
+        # this round's samples seen and skipped (logged at its end), kept in checkpoints for a resume mid-round
+        self.register_buffer("round_counts", torch.zeros(2, dtype=torch.long))
 
     def proxy_index(self, step: int) -> int:
         return (step // self.local_steps) % self.shards
@@ -112,8 +113,7 @@ class ProxyEnsemble(DiffusionTraining):
         elif not self.use_agc:
             keep = torch.ones_like(keep)
         self.skips[batch["index"][~keep]] += 1
-        self.round_seen += len(keep)
-        self.round_skipped += int((~keep).sum())
+        self.round_counts += torch.tensor([len(keep), int((~keep).sum())])
         return keep
 
     def kept_loss(self, d: Denoised, keep: torch.Tensor, batch: dict, model) -> torch.Tensor:
@@ -141,9 +141,10 @@ class ProxyEnsemble(DiffusionTraining):
             return
         round_index = (step + 1) // round_length  # 1, 2, ...
         self.log("round/index", float(round_index))
-        self.log("round/skipped_share", self.round_skipped / max(1, self.round_seen))
+        seen, skipped = self.round_counts.tolist()
+        self.log("round/skipped_share", skipped / max(1, seen))
         self.log("round/proxy_spread", self.proxy_spread())
-        self.round_seen = self.round_skipped = 0
+        self.round_counts.zero_()
         if self.msr_share is not None and round_index % 2 == 0:
             before = self.assignment.cpu().numpy()
             after = redistribute(before, self.skips.cpu().numpy(), self.shards, self.msr_share)
