@@ -6,7 +6,8 @@ lethe's `generate` adds per-prompt seeded noise, inference-time mitigations (non
 Both run on the embedded default's model (the trained baseline where `models/baseline` exists, else the
 same architecture with random weights: the cost does not depend on the weights), the same prompts, the
 same batch size and steps; the runs alternate so that drift on a shared machine hits both. Prints one
-JSON object. Goal: ratio >= 0.9.
+JSON object. Goal: ratio >= 0.9. `roofline` places one guided U-Net call (both branches, one batch) against
+this CPU's fp32 GEMM rate in the same run (benchmarks/roofline.py), on 1 and 2 threads.
 
     python benchmarks/sampling.py [--images 256] [--repeats 3]    # from the repository root: params.yaml's `sample`
 """
@@ -27,6 +28,8 @@ from lethe.diffusion import guide
 from lethe.models.diffusion_model import build_model, build_scheduler, load_model
 from lethe.models.text import corpus_vocabulary
 from lethe.sampling import generate, initial_noise, sampling_scheduler
+
+from roofline import roofline  # benchmarks/ is the script's folder, so on sys.path
 
 
 @torch.no_grad()
@@ -79,8 +82,18 @@ def main() -> None:
         lethe.append(images_per_second(lambda: generate(model, scheduler, prompts, seeds, cfg), args.images))
         bare.append(images_per_second(lambda: bare_loop(model, scheduler, prompts, seeds, cfg.steps, cfg.guidance_scale,
                                                         cfg.batch_size), args.images))
+    cond = model.encode_text(model.text_encoder.tokenize(prompts[: cfg.batch_size]))
+    context = torch.cat([model.encode_text(model.text_encoder.tokenize([""])).expand_as(cond), cond])
+    x = initial_noise(model.sample_shape, seeds[: cfg.batch_size])
+    t = sampling_scheduler(scheduler, cfg.steps).timesteps[0]
+
+    @torch.no_grad()
+    def one_call():
+        model.unet(torch.cat([x, x]), t, encoder_hidden_states=context)
+
     result = {
         "benchmark": "sampling",
+        "roofline": roofline(one_call, [1, 2]),
         "model": str(trained) if (trained / "weights.safetensors").exists() else "random weights",
         "images": args.images,
         "steps": cfg.steps,

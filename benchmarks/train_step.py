@@ -5,6 +5,10 @@ the same work per step: per-sample loss, backward, gradient clipping, AdamW with
 runs alternate (Lightning, bare, Lightning, bare, ...) so that drift on a shared machine hits both;
 the first steps of each run are left out of the timing. Prints one JSON object. Goal: ratio >= 0.95.
 
+`roofline` places one fine-tune step (forward, backward, AdamW) against this CPU's limit in the same run
+(benchmarks/roofline.py): its GFLOP, its achieved GFLOP/s on 1 and 2 threads beside the fp32 GEMM rate on
+the same threads, the 2-thread speed-up, and the operators the time goes to.
+
     python benchmarks/train_step.py [--steps 60] [--warmup 10] [--repeats 2]
 """
 
@@ -28,6 +32,8 @@ from lethe.models.diffusion_model import build_model, build_scheduler
 from lethe.models.text import corpus_vocabulary
 from lethe.training.fit import CaptionedImages, fit, training_loader
 from lethe.training.module import DiffusionTraining
+
+from roofline import roofline  # benchmarks/ is the script's folder, so on sys.path
 
 
 class StepTimer(L.Callback):
@@ -89,8 +95,19 @@ def main() -> None:
     for _ in range(args.repeats):
         lightning.append(lightning_run(DiffusionTraining(copy.deepcopy(initial), scheduler, cfg), dataset, cfg, args.warmup))
         bare.append(bare_run(DiffusionTraining(copy.deepcopy(initial), scheduler, cfg), dataset, cfg, args.warmup))
+    module = DiffusionTraining(copy.deepcopy(initial), scheduler, cfg)
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = next(iter(training_loader(dataset, cfg)))
+
+    def one_step():
+        loss = module.per_sample_loss(batch)[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     result = {
         "benchmark": "train_step",
+        "roofline": roofline(one_step, [1, 2]),
         "batch_size": cfg.batch_size,
         "timed_steps": args.steps - args.warmup,
         "repeats": args.repeats,
