@@ -34,6 +34,7 @@ STAGES = {
     "register": "register every variant in the MLflow registry, move aliases",
     "promote": "move a registry alias by hand (champion must pass the policy)",
     "audit": "which training images a model reproduces: a variant, or a model you bring",
+    "export": "write a variant or a registry model as a diffusers Stable Diffusion pipeline",
 }
 # not stages: writes params.yaml from a preset, every section filled in; runs DVC's stages side by side
 PRESET_HELP = "write --params (default params.yaml) from a preset in pipelines/"
@@ -78,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--prompts", help="extra prompts to audit, one per line")
     audit.add_argument("--name", help="the report's name: reports/audit/<name>/ (default: the model directory's name)")
     audit.add_argument("--full", action="store_true", help="generate for every prompt (default: audit.mode)")
+    export = commands["export"]
+    export.add_argument("target", help="a variant, champion (the registry's), or models:/<name>@<alias>")
+    export.add_argument("--to", required=True, help="the pipeline directory to write (new, or empty)")
+    export.add_argument("--fuse", action="store_true", help="a LoRA fused into the U-Net, not written apart")
     promote = commands["promote"]
     promote.add_argument("model")
     promote.add_argument("version")
@@ -94,6 +99,8 @@ def arguments(args: argparse.Namespace) -> tuple:
         return (args.variant,)
     if args.stage == "memcontrol":
         return (args.params, args.workers, args.join)
+    if args.stage == "export":
+        return (args.target, args.to, args.fuse, args.params)
     if args.stage == "promote":
         return (args.model, args.version, args.alias, args.force)
     if args.stage == "audit":

@@ -92,7 +92,7 @@ def _in_blocks(name: str, blocks: tuple[str, ...]) -> bool:
     return any(name.startswith(block + ".") for block in blocks)
 
 
-def _projections(unet: nn.Module, blocks: tuple[str, ...]) -> list[str]:
+def projections(unet: nn.Module, blocks: tuple[str, ...]) -> list[str]:
     """The attention projection layers (q, k, v, out; self- and cross-attention) inside the blocks."""
     return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and _in_blocks(n, blocks)
             and any(n.endswith(f".{a}.{p}") for a in ("attn1", "attn2") for p in PROJECTIONS)]
@@ -111,9 +111,9 @@ def apply_mask(model: DiffusionModel, mask: Mask) -> None:
 
         # diffusers' add_adapter injects peft's LoRA layers; only their A and B matrices train
         unet.add_adapter(LoraConfig(r=mask.lora_rank, lora_alpha=mask.lora_alpha,
-                                    target_modules=_projections(unet, mask.blocks)))
+                                    target_modules=projections(unet, mask.blocks)))
     elif mask.family == "attention":
-        for name in _projections(unet, mask.blocks):
+        for name in projections(unet, mask.blocks):
             unet.get_submodule(name).requires_grad_(True)
     elif mask.family == "svdiff":
         for name, module in list(unet.named_modules()):
