@@ -71,6 +71,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, reproduced):
         assert 0.0 <= metrics[f"probe/own_nn_rate/{group}"] <= 1.0
     assert metrics["cost/train_seconds"] > 0 and metrics["cost/trainable_params"] > 0
     assert not list(repo.glob(".lethe/checkpoints/*"))  # finished stages leave nothing to resume
+    # LETHE_WARM=1: the stages ran in children of the run's warm server, none refused
+    log = "\n".join(path.read_text() for path in repo.glob(".lethe/warm-*.log"))
+    assert log.count(" runs as ") >= len(stages) - 2 and "refused" not in log, log[-2000:]
     for path in ("models/featurizer/weights.safetensors", "reports/evaluate/baseline/gallery.png",
                  "reports/evaluate/baseline/samples.png", "reports/report.md", "reports/report.html",
                  "reports/tradeoff.png", "plots/tradeoff.json", "reports/registry.json", "metrics/data.json",

@@ -135,10 +135,13 @@ def assess(m: dict[str, float], cfg: RegistryConfig) -> Assessment:
     (point, low, high), tol = fd, cfg.fd_tolerance
     shown = f"FD {point:+.0%} [{low:+.0%}, {high:+.0%}]"
     if high > tol:
-        multiple, decide = _decide(high - point, tol - point, holdout, "holdout",
-                                   _prompt_bound(m, change_key(FD), HIGH, point))
+        # FD's change is in units of the baseline's uncorrected FD, whose bias shrinks with more prompts too:
+        # how many would decide it is not a multiple of the half-width
+        decide = ("no number of holdout prompts would decide it: the point itself is on the wrong side" if point >= tol
+                  else "the unit, the baseline's uncorrected FD, shrinks with more prompts too, so how many would "
+                       "decide it is not estimated")
         failed.append(f"{shown}: its upper bound is beyond the tolerance of +{tol:.0%} ({decide})")
-        needed.append(multiple)
+        needed.append(math.inf if point >= tol else math.nan)
     else:
         passed.append(f"{shown}, its upper bound within +{tol:.0%}")
 

@@ -41,6 +41,7 @@ import types
 from pathlib import Path
 
 from lethe.devices import RANK_VARIABLES
+from lethe.progress import CORES_FILE
 
 SWITCH = "LETHE_WARM"  # "1": use a server, start one if none listens; anything else (or unset): none
 IDLE_SECONDS = 120.0  # after the last stage ended
@@ -51,17 +52,19 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAZY_IMPORTS = ("torchmetrics.image.fid", "matplotlib.pyplot", "lightning.pytorch", "optuna", "peft",
                 "transformers.models.clip", "sklearn.metrics", "mlflow.pyfunc", "threadpoolctl")
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# the variables that may differ between the server's environment and a caller's: set per stage by DVC or the
-# shell, or applied by the child itself (threads). Every other variable must be equal, or the stage runs cold.
-VOLATILE = ("DVC_", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS", SWITCH, *THREADS)
+# the variables that may differ between the server's environment and a caller's: set per stage by DVC, the
+# shell or `lethe repro` (its cores file), or applied by the child itself (threads). Every other variable must be equal, or the stage runs cold.
+VOLATILE = ("DVC_", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS", SWITCH, CORES_FILE, *THREADS)
 # the caller's ignored signals that the child must ignore too (`nohup lethe train ...`)
 IGNORABLE = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def enabled() -> bool:
-    """Under LETHE_WARM=1, and not in a DDP worker (rank > 0 or any launcher's rank variable): those start cold."""
-    return os.environ.get(SWITCH) == "1" and not any(os.environ.get(name) for name in RANK_VARIABLES)
+    """Under LETHE_WARM=1, on a platform that gives a socket's peer credentials (the server checks them: without
+    them it would refuse every stage), and not in a DDP worker (rank > 0 or any launcher's rank variable)."""
+    return (os.environ.get(SWITCH) == "1" and hasattr(socket, "SO_PEERCRED")
+            and not any(os.environ.get(name) for name in RANK_VARIABLES))
 
 
 def socket_path(root: Path | None = None) -> Path:

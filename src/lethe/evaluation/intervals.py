@@ -24,8 +24,11 @@ change `vs_baseline/<key>` is that difference in units of the baseline's figure 
 correction (`vs_baseline/<key>/scale`), with the difference's interval on the same scale. A ratio of the
 two corrected figures is not used: the corrected baseline FD is near 0, or below it, when the population FD
 is small beside its bias (-1.5 on the default's holdout prompts), and a ratio there is undefined or wild.
-The uncorrected figure is always above 0, so the relative change is always defined, and judging it against
-a tolerance is judging the corrected difference against tolerance x that scale.
+The uncorrected FD is always above 0, so FD's relative change is always defined, and judging it against a
+tolerance is judging the corrected difference against tolerance x that scale. The scale is a reading at this
+design: its bias part shrinks with more generations, so the same difference is a larger share at more
+prompts. KID's uncorrected figure is an unbiased estimate that can be 0 or below; its relative change is
+then undefined (nan) and its difference alone is read.
 
 Coverage at 95% nominal: the share of simulated data sets whose interval holds the known truth, in the
 settings of tests/test_coverage.py (40 prompts x 2 generations), which checks each method with 200 to 400

@@ -46,7 +46,7 @@ from lethe.models.diffusion_model import build_scheduler, load_model
 from lethe.paths import CHECKPOINTS, DATA, FEATURIZER, PRETRAINED, STUDIES
 from lethe.progress import progress
 from lethe.sampling import generate
-from lethe.training.fit import CaptionedImages, checkpoint_key, fit
+from lethe.training.fit import CHECKPOINT_FORMAT, CaptionedImages, checkpoint_key, fit
 from lethe.training.module import DiffusionTraining
 from lethe.training.peft_masks import Mask, MaskedTraining, base_count, trainable_count, transformer_blocks
 
@@ -164,7 +164,7 @@ def objectives(inputs: Inputs, model, scheduler) -> dict[str, float]:
 
 def _checkpoints(inputs: Inputs, *parts) -> Path:
     """Keyed by the trial's params, so a killed trial re-enqueued with the same params resumes its training."""
-    return checkpoint_root(inputs) / checkpoint_key(*parts)
+    return checkpoint_root(inputs) / checkpoint_key(CHECKPOINT_FORMAT, *parts)
 
 
 def checkpoint_root(inputs: Inputs) -> Path:

@@ -18,7 +18,7 @@ from lethe.models.diffusion_model import build_scheduler, save_model
 from lethe.paths import CHECKPOINTS, DATA, PRETRAINED, model_dir, train_metrics_file
 from lethe.sampling import generate, save_grid
 from lethe.tracking import lightning_logger, stage_run
-from lethe.training.fit import CaptionedImages, FitResult, checkpoint_key, fit
+from lethe.training.fit import CHECKPOINT_FORMAT, CaptionedImages, FitResult, checkpoint_key, fit
 from lethe.training.module import DiffusionTraining
 
 
@@ -27,7 +27,8 @@ def checkpoint_dir(params: Params, name: str, stage: str, data_hash: str, inputs
     contents of the files the method reads, so that a resumed run is the run that was killed."""
     base_hash = content_hash(PRETRAINED) if stage != "pretrain" else None
     read = [content_hash(path) for path in inputs if Path(path).exists()]
-    return CHECKPOINTS / f"{name}-{checkpoint_key(name, params.model_dump(mode='json'), data_hash, base_hash, *read)}"
+    key = checkpoint_key(CHECKPOINT_FORMAT, name, params.model_dump(mode="json"), data_hash, base_hash, *read)
+    return CHECKPOINTS / f"{name}-{key}"
 
 
 def train_and_save(params: Params, model, data: PreparedData, *, name: str, stage: str, method: str,

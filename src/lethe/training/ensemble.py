@@ -113,7 +113,7 @@ class ProxyEnsemble(DiffusionTraining):
         elif not self.use_agc:
             keep = torch.ones_like(keep)
         self.skips[batch["index"][~keep]] += 1
-        self.round_counts += torch.tensor([len(keep), int((~keep).sum())])
+        self.round_counts += torch.tensor([len(keep), int((~keep).sum())], device=self.round_counts.device)
         return keep
 
     def kept_loss(self, d: Denoised, keep: torch.Tensor, batch: dict, model) -> torch.Tensor:

@@ -115,6 +115,11 @@ def training_loader(dataset: Dataset, cfg: TrainConfig, pool=None, start=lambda:
     return StepLoader(dataset, batch_sampler=StepBatches(pool, cfg.steps, cfg.batch_size, cfg.seed, start, shard))
 
 
+# what a resume checkpoint holds (its state's keys): raised when that changes, so an older checkpoint is not
+# loaded into a module it does not fit (2: the step-seeded draws and `batches_done`)
+CHECKPOINT_FORMAT = 2
+
+
 def checkpoint_key(*parts) -> str:
     """A short stable hash of JSON-able parts (params, input hashes) naming a resumable run."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
