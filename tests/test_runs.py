@@ -98,6 +98,8 @@ def test_a_rerun_is_checked_against_the_first_runs_intervals(tmp_path, capsys):
     assert main([str(tmp_path / "first"), str(tmp_path / "inside"), str(tmp_path / "outside")]) == 0
     out = capsys.readouterr().out
     assert "| loyal | dup rate (copy) | -0.300 [" in out and "| 1 | -0.250 | yes |" in out and "| 2 | +0.200 | no |" in out
+    assert out.startswith(f"Written by `python -m lethe.evaluation.rerun {tmp_path / 'first'} ")
+    assert "| dup rate (copy) | 1 | 2 |" in out  # per endpoint: covered, cases
     assert out.strip().endswith("Covered: 1 of 2 (50%); nominal 95%.")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "baseline.json").write_text("{")

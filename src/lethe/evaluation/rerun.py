@@ -52,13 +52,20 @@ def coverage(first: dict[str, dict[str, float]], reruns: list[dict[str, dict[str
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], command: str | None = None) -> str:
+    """The rows, then the covered share per endpoint and over all; `command` heads it where given."""
+    head = [f"Written by `{command}`.", ""] if command else []
     lines = ["| variant | endpoint | first run [95%] | re-run | its estimate | covered |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['endpoint']} | {r['first']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['rerun']} | "
               f"{r['value']:+.3f} | {'yes' if r['covered'] else 'no'} |" for r in rows]
+    summary = ["", "| endpoint | covered | cases |", "|---|---|---|"]
+    for title, _ in ENDPOINTS:
+        mine = [r["covered"] for r in rows if r["endpoint"] == title]
+        if mine:
+            summary.append(f"| {title} | {sum(mine)} | {len(mine)} |")
     covered = sum(r["covered"] for r in rows)
     share = covered / len(rows) if rows else float("nan")
-    return "\n".join(lines) + f"\n\nCovered: {covered} of {len(rows)} ({share:.0%}); nominal 95%.\n"
+    return "\n".join(head + lines + summary) + f"\n\nCovered: {covered} of {len(rows)} ({share:.0%}); nominal 95%.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lethe.evaluation.rerun FIRST_METRICS_DIR RERUN_METRICS_DIR [...]", file=sys.stderr)
         return 2
     try:
-        print(markdown(coverage(load_run(argv[0]), [load_run(folder) for folder in argv[1:]])), end="")
+        command = "python -m lethe.evaluation.rerun " + " ".join(argv)
+        print(markdown(coverage(load_run(argv[0]), [load_run(folder) for folder in argv[1:]]), command), end="")
     except LetheError as exc:
         print(f"lethe: error: {exc}", file=sys.stderr)
         return 2
