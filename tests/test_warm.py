@@ -101,7 +101,7 @@ def test_a_child_takes_the_callers_directory_environment_command_line_main_scrip
     `python <argv0> args`; `python -m lethe.warm pretrain` would not run), and the caller's thread count."""
     request = {"cwd": str(tmp_path), "env": {"OMP_NUM_THREADS": "1", "MARK": "caller"},
                "argv0": "/venv/bin/lethe", "argv": ["train", "baseline"]}
-    code = ("import json, os, sys, torch, threadpoolctl; from lethe.warm import become; "
+    code = ("import json, os, sys, torch, threadpoolctl; from lethe.warm_child import become; "
             f"become(json.loads({json.dumps(json.dumps(request))}), 2); import __main__; "
             "print(json.dumps([os.getcwd(), os.environ.get('MARK'), sys.argv, __main__.__spec__, __main__.__file__, "
             "torch.get_num_threads(), max([p['num_threads'] for p in threadpoolctl.threadpool_info() "
