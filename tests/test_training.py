@@ -90,6 +90,18 @@ def test_ema_weights_end_up_in_the_model(smoke_params, tiny_data, tiny_model, tm
     assert torch.equal(module.model.unet.conv_in.weight.detach(), ema)  # ... and is what the model keeps
 
 
+def test_ema_leaves_a_frozen_weight_bit_equal(smoke_params, tiny_data, tiny_model, tmp_path):
+    """A frozen weight's average must stay the weight itself (torch's EMA formula rounded it by ~1e-8, so a
+    LoRA fine-tune's base weights no longer matched the base's and its export refused)."""
+    module, dataset, cfg = setup(smoke_params, tiny_data, tiny_model, steps=6, checkpoint_every=6, ema_decay=0.9)
+    frozen = module.model.unet.conv_in.weight
+    frozen.requires_grad_(False)
+    before, trained = frozen.detach().clone(), module.model.unet.conv_out.weight.detach().clone()
+    fit(module, dataset, cfg, tmp_path / "ckpt")
+    assert torch.equal(module.model.unet.conv_in.weight.detach(), before)
+    assert not torch.equal(module.model.unet.conv_out.weight.detach(), trained)  # the others did train
+
+
 def test_caption_dropout_uses_empty_prompt(smoke_params, tiny_data, tiny_model):
     module, dataset, _ = setup(smoke_params, tiny_data, tiny_model, caption_dropout=0.999)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))

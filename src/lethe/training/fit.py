@@ -189,6 +189,17 @@ def _trainer(cfg: TrainConfig, **kwargs) -> L.Trainer:
                          f"{cfg.devices!r}, num_nodes {cfg.num_nodes}, precision {cfg.precision!r}): {first}")
 
 
+class ExactEMA(EMAWeightAveraging):
+    """Lightning's EMA, its update written as a step towards the current weights: average + (1 - decay) *
+    (current - average). torch's `decay * average + (1 - decay) * current` rounds a weight that never moves
+    (a frozen one: everything outside a LoRA or a masked method's parameters) away from itself, so the
+    saved model would no longer hold the base's weights bit for bit."""
+
+    def __init__(self, decay: float):
+        super().__init__(decay=decay, use_buffers=False)
+        self._kwargs["avg_fn"] = lambda average, current, updates: average.lerp(current, 1 - decay)
+
+
 def fit(
     module: DiffusionTraining, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path, logger=None, callbacks=()
 ) -> FitResult:
@@ -211,7 +222,7 @@ def fit(
         gradient_clip_val=cfg.grad_clip,
         logger=logger if logger is not None else False,
         callbacks=[
-            *([EMAWeightAveraging(decay=cfg.ema_decay, use_buffers=False)] if cfg.ema_decay > 0 else []),
+            *([ExactEMA(cfg.ema_decay)] if cfg.ema_decay > 0 else []),
             ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True),
             *([LearningRateMonitor(logging_interval="step"),
                # rates over a sliding window of batches; short runs get a short window
