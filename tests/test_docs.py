@@ -13,7 +13,7 @@ from lethe import __version__
 from lethe.cli import PRESET_HELP, REPRO_HELP, STAGES
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ('python3 -m venv .venv && . .venv/bin/activate && pip install -e . && dvc repro',
+COMMANDS = ('python3 -m venv .venv && . .venv/bin/activate && pip install -e . && lethe repro',
             'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest')
 # a stop or an issue with its number: where the project was once, not what it is now
 HISTORY = re.compile(r"\b(stop|issue)s?\s+#?\d+", re.IGNORECASE)

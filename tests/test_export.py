@@ -210,7 +210,8 @@ def test_the_export_records_its_origin_and_the_sampler(exported):
     record = json.loads((root / "out/memattn/lethe.json").read_text())
     assert record["variant"] == "memattn" and record["registry"] is None
     assert record["params_sha256"] == hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
-    assert record["sampling"] == {"scheduler": "DDIMScheduler", "num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
+    assert record["sampling"] == {"scheduler": "DDIMScheduler", "num_inference_steps": STEPS, "guidance_scale": GUIDANCE,
+                                  "precision": "32-true"}
     assert record["mitigations"] == {"memattn": MEMATTN} and record["pipeline"] == "pipeline.py"
     index = json.loads((root / "out/memattn/model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "LetheMitigatedPipeline"] and index["mitigations"] == {"memattn": MEMATTN}

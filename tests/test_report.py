@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,7 @@ def test_provenance_lists_each_stages_latest_time_from_mlflow(project, smoke_par
     assert [row.split(" | ")[0] for row in rows] == ["| prepare", "| calibrate", "| memcontrol"]
     assert rows[0].split(" | ")[1].startswith("30.") and rows[1].split(" | ")[1].startswith("7.")
     assert "params.yaml sha256" in section and "cores" in section
+    # the latest prepare started 30 s ago and everything after it ran one after another: 30 s of wall time,
+    # against 37 s and more of stage time (the earlier prepare is not the latest)
+    wall = float(re.search(r"([\d,.]+) s \(([\d.]+) min\) of wall time", section).group(1).replace(",", ""))
+    assert 29 <= wall <= 33

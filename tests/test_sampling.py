@@ -25,6 +25,18 @@ def test_guidance_changes_the_image(smoke_params, tiny_model):
     assert not torch.allclose(a, b)
 
 
+def test_bf16_sampling_moves_images_by_rounding_only(smoke_params, tiny_model):
+    """bf16-mixed runs the U-Net in bf16 (8 bits of mantissa): the images move, by far less than a seed does,
+    and come back in float32."""
+    scheduler = build_scheduler(tiny_model, smoke_params.diffusion)
+    prompts, seeds = ["a bold thin handwritten one from a ledger", "a tall one"], [0, 1]
+    full = generate(tiny_model, scheduler, prompts, seeds, SampleConfig(steps=5))
+    half = generate(tiny_model, scheduler, prompts, seeds, SampleConfig(steps=5, precision="bf16-mixed"))
+    other = generate(tiny_model, scheduler, prompts, [2, 3], SampleConfig(steps=5))
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert (half - full).abs().mean() < 0.1 * (other - full).abs().mean()
+
+
 def test_grid_png(tmp_path):
     from PIL import Image
 

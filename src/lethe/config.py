@@ -126,6 +126,9 @@ class SampleConfig(Section):
     guidance_scale: float = Field(1.5, ge=0.0)
     batch_size: int = Field(128, ge=1)
     grid_size: int = Field(16, ge=1)  # images in the sample grid logged after training
+    # bf16-mixed: the U-Net's calls under bf16 autocast (1.5x a sampling call on this CPU, benchmarks/levers.py),
+    # their predicted noise moved by up to ~0.02; every stage that generates then judges bf16 generations
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
 
 
 class ProbeConfig(Section):
@@ -133,18 +136,6 @@ class ProbeConfig(Section):
 
     prompts_per_group: int = Field(20, ge=1)
     seeds_per_prompt: int = Field(2, ge=1)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class DetectConfig(Section):
@@ -155,14 +146,6 @@ class DetectConfig(Section):
     memattn_layer: int = Field(0, ge=0)  # E's cross-attention layer, in forward order
     nemo_seeds: int = Field(10, ge=2)  # seeds for NeMo's cross-seed SSIM score
     memorized_share: float = Field(0.5, gt=0.0, le=1.0)  # measured truth: this share of a prompt's generations replicate
-
-
-
-
-
-
-
-
 
 
 class FeaturizerConfig(Section):

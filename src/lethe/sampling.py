@@ -116,8 +116,10 @@ def generate(
             if capture:
                 stack.enter_context(control.capturing())
             for t in scheduler.timesteps:
-                eps_uncond, eps_cond = guided_pass(model.unet, scheduler.scale_model_input(x, t), t, cond,
-                                                   empty.expand_as(cond))
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16-mixed"):
+                    eps_uncond, eps_cond = guided_pass(model.unet, scheduler.scale_model_input(x, t), t, cond,
+                                                       empty.expand_as(cond))
+                eps_uncond, eps_cond = eps_uncond.float(), eps_cond.float()
                 if trace is not None:
                     trace.record(eps_cond, eps_uncond, control.captured if capture else {})
                 x = scheduler.step(guide(eps_uncond, eps_cond, cfg.guidance_scale), t, x).prev_sample

@@ -116,7 +116,7 @@ def export(params: Params, target: str, to: str, fuse: bool = False, params_file
             "git_commit": git_commit(),
             "diffusers_version": diffusers.__version__,
             "sampling": {"scheduler": type(scheduler).__name__, "num_inference_steps": source.sample.steps,
-                         "guidance_scale": source.sample.guidance_scale},
+                         "guidance_scale": source.sample.guidance_scale, "precision": source.sample.precision},
             "mitigations": model.spec.inference,
             # pipeline.py: the class to load with (DiffusionPipeline, trust_remote_code=True), and why
             "pipeline": PIPELINE_FILE if model.spec.inference or stock_rewrites(scheduler) else None,
