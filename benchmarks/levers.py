@@ -6,7 +6,7 @@ pulled. Rounds alternate between the unchanged step and every lever, so drift on
 all of them; each figure is the median seconds over the rounds. Prints one JSON object: per lever its
 seconds, its speed ratio against the unchanged step (> 1 is faster), its one-off cost (compilation) and
 how far its output moves from the unchanged step's (the largest absolute difference of the loss, or of
-the predicted noise).
+the predicted noise); and the roofline of the unchanged step and call (`roofline.py`).
 
 Levers:
 - `channels_last`: the U-Net and its input in channels-last memory format (oneDNN's preferred layout);
@@ -39,6 +39,8 @@ from lethe.models.diffusion_model import build_model, build_scheduler
 from lethe.models.text import corpus_vocabulary
 from lethe.training.fit import CaptionedImages, training_loader
 from lethe.training.module import DiffusionTraining
+
+from roofline import roofline  # benchmarks/ is the script's folder, so on sys.path
 
 
 TRAIN_LEVERS = ("today", "channels_last", "compile", "bf16_autocast")
@@ -173,8 +175,9 @@ def markdown(result: dict) -> str:
              f"{result['steps_per_round']} calls). Each figure is the speed against the same run's unchanged "
              f"call (above 1: faster): one fine-tune step of the embedded default (batch {result['fine_tune_batch']}: "
              "forward, loss, backward, AdamW) and one guided sampling call (both branches, batch "
-             f"{result['sampling_batch']}). Where the step sits against this CPU's fp32 GEMM rate, and the operators "
-             "its time goes to: `python benchmarks/train_step.py` and `benchmarks/sampling.py` (the roofline). "
+             f"{result['sampling_batch']}). The sections after the table place today's calls against this CPU's fp32 "
+             "GEMM rate, measured in the same run (`benchmarks/roofline.py`, also printed by train_step.py and "
+             "sampling.py): the operators that stay below it are what a faster step would need. "
              "Threads are the lever kept: `lethe repro` runs two stages side by side with one thread each "
              "(`python benchmarks/parallel.py` measures it against one after another with two).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -192,6 +195,21 @@ def markdown(result: dict) -> str:
         cells.append(f"{max(f['max_abs_diff'] for f in figures):.2g}")
         cells += list(DECISIONS.get(lever, ("(today's step)", "the reference every ratio is against")))
         lines.append("| " + " | ".join(cells) + " |")
+    for part, title in (("train_step", "fine-tune step"), ("sampling_call", "sampling call")):
+        line = result.get("roofline", {}).get(part)
+        if not line:
+            continue
+        rates = "; ".join(f"{n} thread{'s' if n > 1 else ''}: {line[f'threads_{n}']['achieved_gflops']:.1f} GFLOP/s, "
+                          f"{line[f'threads_{n}']['of_gemm']:.2f} of the GEMM rate ({line[f'threads_{n}']['gemm_gflops']:.0f})"
+                          for n in threads)
+        lines += ["", f"## Today's {title} against the limit", "",
+                  f"{line['step_gflop']:.1f} GFLOP a call (matmuls, convolutions and attention); {rates}. Its "
+                  f"operators that carry FLOPs, at {max(threads)} threads, the furthest below the limit first (each "
+                  "operator's time includes what it calls; the rest of the step is normalization, elementwise work "
+                  "and copies, which count no FLOPs):", "",
+                  "| operator | GFLOP | share of the call's time | GFLOP/s | of GEMM |", "|---|---|---|---|---|"]
+        lines += [f"| `{row['op']}` | {row['gflop']:.2f} | {row['share_of_step']:.2f} | {row['achieved_gflops']:.1f} | "
+                  f"{row['of_gemm']:.2f} |" for row in line["flop_operators"]]
     return "\n".join(lines) + "\n"
 
 
@@ -216,14 +234,18 @@ def main() -> None:
 
     result = {"benchmark": "levers", "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
               "torch": torch.__version__, "machine": machine(), "fine_tune_batch": cfg.batch_size, "sampling_batch": 2 * params.sample.batch_size}
+    today = {}
     for n in args.threads:
         torch.set_num_threads(n)
         figures = result[str(n)] = {}
         if args.only in (None, "train"):
-            figures["train_step"] = compare(train_variants(initial, scheduler, cfg, batch, args.levers), args.rounds, args.steps)
+            variants = train_variants(initial, scheduler, cfg, batch, args.levers)
+            figures["train_step"], today["train_step"] = compare(variants, args.rounds, args.steps), variants["today"][0]
         if args.only in (None, "sample"):
-            figures["sampling_call"] = compare(sample_variants(initial, params.sample.batch_size, args.levers),
-                                               args.rounds, args.steps)
+            variants = sample_variants(initial, params.sample.batch_size, args.levers)
+            figures["sampling_call"], today["sampling_call"] = compare(variants, args.rounds, args.steps), variants["today"][0]
+    # where today's calls sit against this CPU's fp32 GEMM rate, and which operators stay below it
+    result["roofline"] = {part: roofline(step, args.threads, steps=5, warmup=1) for part, step in today.items()}
     print(markdown(result) if args.markdown else json.dumps(result))
 
 

@@ -3,8 +3,9 @@ measured in the same run on the same threads, and the operators the time goes to
 
 `roofline(step, threads)` is shared by train_step.py (one fine-tune step: forward, backward, AdamW) and
 sampling.py (one guided U-Net call). FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode`
-(matmuls and convolutions: what the GEMM rate bounds; normalization and elementwise work count 0 there and
-show up in the operator table instead). The GEMM reference is a square fp32 matmul large enough to run at
+(matmuls, convolutions and attention, with a formula added for the CPU's flash attention: what the GEMM rate
+bounds; normalization and elementwise work count 0 there and show up in the operator table instead).
+`flop_operators` places each FLOP-carrying operator against the GEMM rate: what stays below the limit. The GEMM reference is a square fp32 matmul large enough to run at
 the BLAS library's peak.
 """
 
@@ -15,7 +16,7 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 GEMM_SIZE = 2048
 
@@ -35,11 +36,36 @@ def gemm_gflops(threads: int, size: int = GEMM_SIZE, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def step_flops(step: Callable[[], None]) -> int:
-    """FLOPs of one call of `step` (matmuls and convolutions, forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
+aten = torch.ops.aten
+# On a CPU, scaled_dot_product_attention runs as `_scaled_dot_product_flash_attention_for_cpu`, which torch's
+# counter has no formula for: without these its FLOPs (a fifth of the step's time) would count as zero.
+def _as_registered(op):
+    """The counter's formula for `op`, marked as already taking tensors (the counter would wrap it again)."""
+    def formula(*args, **kwargs):
+        return flop_registry[op](*args, **kwargs)
+
+    formula._get_raw = True
+    return formula
+
+
+CPU_ATTENTION = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _as_registered(aten._scaled_dot_product_flash_attention),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _as_registered(aten._scaled_dot_product_flash_attention_backward),
+}
+
+
+def counted_flops(step: Callable[[], None]) -> dict[str, int]:
+    """FLOPs of one call of `step` per operator (`aten::mm`, ...): matmuls, convolutions and attention,
+    forward and backward."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         step()
-    return counter.get_total_flops()
+    return {f"aten::{op.__name__}": flops for op, flops in counter.get_flop_counts()["Global"].items() if flops}
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of `step` (matmuls, convolutions and attention, forward and backward)."""
+    return sum(counted_flops(step).values())
 
 
 def seconds_per_step(step: Callable[[], None], threads: int, steps: int, warmup: int) -> float:
@@ -70,6 +96,31 @@ def operator_table(step: Callable[[], None], threads: int, top: int = 8) -> list
     return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
 
 
+def operator_roofline(step: Callable[[], None], threads: int, gemm: float, steps: int = 3) -> list[dict]:
+    """Each FLOP-carrying operator of `step` against the GEMM rate: its GFLOP per step, its time (the
+    operator's whole time, what it calls included), its achieved GFLOP/s and their ratio to `gemm`, and its
+    share of the step's time; the slowest against the limit first."""
+    flops = counted_flops(step)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    step()
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - started) / steps
+    torch.set_num_threads(previous)
+    seconds = {e.key: e.cpu_time_total / 1e6 / steps for e in profiler.key_averages() if e.key in flops}
+    rows = []
+    for op, count in flops.items():
+        if seconds.get(op):
+            rate = count / seconds[op] / 1e9
+            rows.append({"op": op, "gflop": round(count / 1e9, 3), "seconds": round(seconds[op], 4),
+                         "achieved_gflops": round(rate, 1), "of_gemm": round(rate / gemm, 3),
+                         "share_of_step": round(seconds[op] / wall, 3)})
+    return sorted(rows, key=lambda row: row["of_gemm"])
+
+
 def roofline(step: Callable[[], None], threads: list[int], steps: int = 10, warmup: int = 3) -> dict:
     """The step's FLOPs, and per thread count its seconds, achieved GFLOP/s, the GEMM rate and their ratio;
     the 2-thread over 1-thread speed-up; the operators the time goes to at the most threads."""
@@ -85,4 +136,5 @@ def roofline(step: Callable[[], None], threads: list[int], steps: int = 10, warm
     if len(threads) > 1:
         out["thread_speedup"] = round(rates[max(threads)] / rates[min(threads)], 3)
     out["operators"] = operator_table(step, max(threads))
+    out["flop_operators"] = operator_roofline(step, max(threads), gemm)
     return out
