@@ -139,3 +139,11 @@ def test_provenance_lists_each_stages_latest_time_from_mlflow(project, smoke_par
     # against 37 s and more of stage time (the earlier prepare is not the latest)
     wall = float(re.search(r"([\d,.]+) s \(([\d.]+) min\) of wall time", section).group(1).replace(",", ""))
     assert 29 <= wall <= 33
+
+
+def test_wall_time_counts_side_by_side_stages_once_and_skips_the_gaps():
+    from lethe.evaluation.provenance import busy_seconds
+
+    # two stages side by side (0-10, 5-12), a gap, then a re-run days later (100000-100003)
+    assert busy_seconds([(5, 12), (0, 10), (100_000, 100_003), (6, 8)]) == 15
+    assert busy_seconds([]) == 0

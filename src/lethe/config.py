@@ -126,8 +126,9 @@ class SampleConfig(Section):
     guidance_scale: float = Field(1.5, ge=0.0)
     batch_size: int = Field(128, ge=1)
     grid_size: int = Field(16, ge=1)  # images in the sample grid logged after training
-    # bf16-mixed: the U-Net's calls under bf16 autocast (1.5x a sampling call on this CPU, benchmarks/levers.py),
-    # their predicted noise moved by up to ~0.02; every stage that generates then judges bf16 generations
+    # bf16-mixed: the denoising calls under bf16 autocast (faster on a CPU with avx512_bf16: docs/levers.md), their
+    # predicted noise moved by a few hundredths; Wen's embedding optimisation stays float32. Every stage that
+    # generates then judges bf16 generations, and an export (float32 in diffusers) records it
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
 
 

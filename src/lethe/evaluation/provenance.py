@@ -52,6 +52,17 @@ def stage_times(experiment: str) -> list[tuple[str, float, str, float]]:
              (r.info.end_time or r.info.start_time) / 1000) for r in ordered]
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: the wall time with at least one stage running. A
+    span from the first start to the last end would count the days between a run and a partial re-run."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
 def provenance_section(experiment: str, params_path: str | Path = "params.yaml") -> str:
     """Markdown: the run's provenance and a table of stage times (their sum is the pipeline's compute time;
     stages that ran side by side overlap in wall time)."""
@@ -62,12 +73,11 @@ def provenance_section(experiment: str, params_path: str | Path = "params.yaml")
     if not times:
         return "\n".join(lines + ["No stage has logged its time to MLflow yet.", ""])
     total = sum(seconds for _, seconds, _, _ in times)
-    # wall time: the first stage's command start to the last run's end (stages side by side overlap)
-    wall = max(end for *_, end in times) - min(end - seconds for _, seconds, _, end in times)
+    wall = busy_seconds([(end - seconds, end) for _, seconds, _, end in times])
     other = sorted({c for _, _, c, _ in times if c != commit[:10]})
     lines += [f"Each stage's latest run in MLflow, from its command's start to its run's end: {total:,.0f} s in all "
-              f"({total / 60:.1f} min); from the first stage's start to the last one's end, {wall:,.0f} s "
-              f"({wall / 60:.1f} min) of wall time{'; some ran at other commits: ' + ', '.join(other) if other else ''}.",
+              f"({total / 60:.1f} min); {wall:,.0f} s ({wall / 60:.1f} min) of wall time with a stage running "
+              f"(stages side by side count once){'; some ran at other commits: ' + ', '.join(other) if other else ''}.",
               "", "| stage | seconds | commit |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:,.1f} | {c} |" for name, seconds, c, _ in times]
     return "\n".join(lines) + "\n"
