@@ -13,6 +13,8 @@ Levers:
 - `compile`: `torch.compile` with inductor's CPU backend (fusing normalization and activation into the
   kernels around them); its first calls compile, the one-off cost, into an empty cache;
 - `bf16_autocast`: `torch.autocast("cpu", torch.bfloat16)` (this CPU's avx512_bf16);
+- `math_attention`: diffusers' `AttnProcessor` (explicit matmuls and softmax) instead of PyTorch's fused
+  scaled-dot-product attention, which at a few channels per head runs far below the GEMM rate;
 - `jit_freeze` (sampling only): `torch.jit.trace` + `torch.jit.freeze`, oneDNN's inference fusions
   (`optimize_for_inference`).
 
@@ -33,6 +35,7 @@ import tempfile
 import time
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 
 from lethe.config import Params
 from lethe.data.sources import prepare
@@ -45,7 +48,7 @@ from lethe.training.module import DiffusionTraining
 from roofline import roofline  # benchmarks/ is the script's folder, so on sys.path
 
 
-TRAIN_LEVERS = ("today", "channels_last", "compile", "bf16_autocast")
+TRAIN_LEVERS = ("today", "channels_last", "compile", "bf16_autocast", "math_attention")
 SAMPLE_LEVERS = (*TRAIN_LEVERS, "jit_freeze")
 
 
@@ -71,6 +74,8 @@ def train_variants(initial, scheduler, cfg, batch, levers: list[str]) -> dict:
             batch_used = batch
         if lever == "compile":
             module.model.unet = torch.compile(unet)
+        if lever == "math_attention":
+            unet.set_attn_processor(AttnProcessor())
 
         def loss():
             torch.manual_seed(0)
@@ -110,6 +115,9 @@ def sample_variants(initial, batch_size: int, levers: list[str]) -> dict:
             x_used = x.contiguous(memory_format=torch.channels_last)
         if lever == "compile":
             net = torch.compile(copy.deepcopy(unet))
+        if lever == "math_attention":
+            net = copy.deepcopy(unet)
+            net.set_attn_processor(AttnProcessor())
         if lever == "jit_freeze":
             wrapper = _Plain(copy.deepcopy(unet)).eval()
             with torch.no_grad():
@@ -164,6 +172,9 @@ DECISIONS = {
     "bf16_autocast": ("an option", "the fine-tune step runs slower; the sampling call runs faster, its predicted noise "
                       "moved by a few hundredths: `sample.precision: bf16-mixed`, off by default because every "
                       "calibrated threshold and the re-run table were measured on float32 generations"),
+    "math_attention": ("no", "diffusers' classic processor (batched matmuls and a softmax) instead of the fused "
+                       "kernel: at one thread, each stage's share under `lethe repro`, no faster on the fine-tune "
+                       "step and slower on sampling; attention's tiny heads are slow either way"),
     "jit_freeze": ("no", "oneDNN's inference fusions through TorchScript: no faster than the eager U-Net"),
 }
 
@@ -213,6 +224,10 @@ def markdown(result: dict) -> str:
                   "| operator | GFLOP | share of the call's time | GFLOP/s | of GEMM |", "|---|---|---|---|---|"]
         lines += [f"| `{row['op']}` | {row['gflop']:.2f} | {row['share_of_step']:.2f} | {row['achieved_gflops']:.1f} | "
                   f"{row['of_gemm']:.2f} |" for row in line["flop_operators"]]
+    if "attention" in result:
+        lines += ["", f"The U-Net's attention: {result['attention']}. A kernel reaches the GEMM rate on large tiles; "
+                  "attention this narrow spends its time on softmax and memory traffic, and would need fewer, wider "
+                  "heads (a U-Net shape, judged by what it does to memorization, not by speed alone)."]
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +266,9 @@ def main() -> None:
             figures["sampling_call"], today["sampling_call"] = compare(variants, args.rounds, args.steps), variants["today"][0]
     # where today's calls sit against this CPU's fp32 GEMM rate, and which operators stay below it
     result["roofline"] = {part: roofline(step, args.threads, steps=5, warmup=1) for part, step in today.items()}
+    result["attention"] = "; ".join(sorted({f"{m.heads} heads of {m.inner_dim // m.heads} channels"
+                                            for m in initial.unet.modules()
+                                            if type(m).__name__ == "Attention"}))
     print(markdown(result) if args.markdown else json.dumps(result))
 
 

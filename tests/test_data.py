@@ -31,6 +31,25 @@ def test_captions_unique_and_name_their_digit():
     assert all(f" {words[r.label]} " in r.caption for r in data.records)
 
 
+def test_nonce_words_label_every_caption_outside_pretraining_with_tokens_pretraining_never_sees():
+    from lethe.models.text import clip_tokenizer
+
+    plain, labelled = prepare(DataConfig(tune_size=100)), prepare(DataConfig(tune_size=100, nonce_words=True))
+    assert [r.split for r in plain.records] == [r.split for r in labelled.records]  # the same pictures and splits
+    words = []
+    for before, after in zip(plain.records, labelled.records):
+        if after.split == "pretrain":
+            assert after.caption == before.caption
+        else:
+            assert after.caption.startswith(before.caption + " signed ")
+            words.append(after.caption.split()[-1])
+    assert len(words) == 500 and len(set(words)) == 500  # target, holdout and tune alike, each its own
+    tokenizer = clip_tokenizer()
+    pretraining = {t for r in labelled.split("pretrain") for t in tokenizer.encode(r.caption)}
+    unseen = [w for w in words if set(tokenizer.encode(f"signed {w}")[1:]) - pretraining]
+    assert len(unseen) == len(words)  # every label carries a token the pretrained encoder never trained
+
+
 def test_planted_duplicates_only_in_target():
     data = prepare(DataConfig(dup_share=0.1, dup_factor=10))
     planted = [r for r in data.records if r.dup_count > 1]

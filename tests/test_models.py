@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lethe.config import ModelConfig, SampleConfig, TrainConfig
@@ -22,6 +23,34 @@ def test_text_encoder_vocabulary_is_compact(tiny_model):
     known, unknown = text.tokenize(["a bold one"]), text.tokenize(["a zebra one"])
     rows_known, rows_unknown = text.row_of[known[0]], text.row_of[unknown[0]]
     assert (rows_known[:5] > 1).all() and (rows_unknown == 1).any()
+
+
+def test_padding_with_the_end_token_as_stable_diffusions_clip_does(tmp_path):
+    cfg = ModelConfig(text={"width": 32, "layers": 1, "heads": 2, "context_length": 12, "pad_with_end": True})
+    vocabulary = corpus_vocabulary(["a bold one"])
+    model = build_model(cfg, 16, 1, vocabulary)
+    ids = model.text_encoder.tokenize(["a bold one", ""])
+    end = model.text_encoder.end_token_id
+    assert ids[0, 4:].eq(end).all() and ids[1, 1:].eq(end).all()  # start, 3 words, then end tokens only
+    assert not ids.eq(0).any()
+    save_model(model, tmp_path / "m")
+    assert torch.equal(load_model(tmp_path / "m").text_encoder.tokenize(["a bold one"]), ids[:1])  # kept on load
+    plain = build_model(ModelConfig(text={"width": 32, "layers": 1, "heads": 2, "context_length": 12}), 16, 1, vocabulary)
+    assert plain.text_encoder.tokenize(["a bold one"])[0, 5:].eq(0).all()  # the default: a pad row
+
+
+def test_stable_diffusions_schedule_leaves_more_signal_at_the_last_steps():
+    """SD's scaled-linear betas from 0.00085 to 0.012 leave alpha-bar ~5.8e-3 at t = 981; DDPM's linear 1e-4 to
+    0.02 leaves ~1e-4 at t = 960: the first sampling step's text-dependent signal is that much smaller."""
+    from lethe.config import DiffusionConfig
+
+    model = type("Pixel", (), {"vae": None})()
+    sd = build_scheduler(model, DiffusionConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    ddpm = build_scheduler(model, DiffusionConfig())
+    assert abs(float(sd.alphas_cumprod[981]) - 5.8e-3) < 0.3e-3
+    assert float(ddpm.alphas_cumprod[960]) < 2e-4
+    with pytest.raises(ValueError, match="beta_start"):
+        DiffusionConfig(beta_start=0.02, beta_end=0.01)
 
 
 def test_save_load_round_trip_is_exact(tmp_path, tiny_model):

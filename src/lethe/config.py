@@ -36,6 +36,9 @@ class DataConfig(Section):
     dedup_features_path: str | None = None  # sscd: TorchScript file; open_clip: weights file
     dedup_distance: float = Field(0.015, ge=0.0)  # near copy: RMS pixel difference on [0, 1] (pixels) or
     # 1 - cosine similarity (sscd, open_clip) at most this; 0 groups exact copies only (docs/methods.md)
+    # every caption outside the pretraining split ends with a made-up word of its own, tokens pretraining
+    # never saw (a unique label): planted, unique and holdout prompts alike, so the groups differ by duplication
+    nonce_words: bool = False
     seed: int = 0
 
     @property
@@ -71,6 +74,7 @@ class TextConfig(Section):
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     context_length: int = Field(24, ge=4, le=77)
+    pad_with_end: bool = False  # pad with the end token, as Stable Diffusion's CLIP does, instead of a pad row
 
 
 class ModelConfig(Section):
@@ -89,6 +93,15 @@ class ModelConfig(Section):
 class DiffusionConfig(Section):
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    # DDPM's 1e-4 -> 0.02; Stable Diffusion's: scaled_linear, 0.00085 -> 0.012 (more signal left at the last t)
+    beta_start: float = Field(0.0001, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _betas_rise(self):
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"diffusion.beta_start ({self.beta_start}) must be below diffusion.beta_end ({self.beta_end})")
+        return self
 
 
 class TrainConfig(Section):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from lethe.config import DataConfig
-from lethe.data.captions import unique_captions
+from lethe.data.captions import unique_captions, with_nonce_words
 from lethe.data.duplicates import duplicate_groups
 from lethe.data.prepared import PreparedData, Record, assign_splits
 from lethe.errors import LetheError
@@ -103,6 +103,8 @@ def prepare(cfg: DataConfig) -> PreparedData:
         groups, cfg.target_size, cfg.holdout_size, cfg.planted_share, cfg.dup_factor, cfg.seed, cfg.tune_size,
         cfg.tune_dup if cfg.planted_share else 0,
     )
+    if cfg.nonce_words:
+        captions = with_nonce_words(captions, splits, cfg.seed)
     records = [
         Record(id=i, split=splits[i], caption=captions[i], dup_count=dup_counts[i], label=labels[i], source=sources[i],
                group=int(groups[i]), repeats=repeats[i], part=parts[i])

@@ -101,7 +101,8 @@ def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: li
         return DiffusionModel(unet, ClipTextEncoder(str(path)), vae, ModelSpec(**spec, save_text_encoder=False))
     if vocabulary is None:
         raise ValueError("the pixel model's text encoder needs the corpus vocabulary")
-    text = SmallTextEncoder(vocabulary, cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.text.context_length)
+    text = SmallTextEncoder(vocabulary, cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.text.context_length,
+                            cfg.text.pad_with_end)
     u = cfg.unet
     unet = UNet2DConditionModel(
         sample_size=resolution,
@@ -133,7 +134,8 @@ def build_scheduler(model: DiffusionModel, cfg: DiffusionConfig) -> DDPMSchedule
         path = Path(model.spec.model["pretrained_path"])
         if (path / "scheduler" / "scheduler_config.json").exists():
             return DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end)
 
 
 def save_model(model: DiffusionModel, path: str | Path, **extra) -> None:

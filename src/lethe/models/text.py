@@ -37,9 +37,10 @@ def corpus_vocabulary(texts: list[str]) -> list[int]:
 
 
 class SmallTextEncoder(nn.Module):
-    def __init__(self, vocabulary: list[int], width: int, layers: int, heads: int, context_length: int):
+    def __init__(self, vocabulary: list[int], width: int, layers: int, heads: int, context_length: int,
+                 pad_with_end: bool = False):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.pad_with_end = context_length, pad_with_end
         row_of = torch.full((CLIP_VOCAB_SIZE,), UNKNOWN_ROW, dtype=torch.long)
         row_of[torch.tensor(vocabulary)] = torch.arange(2, len(vocabulary) + 2)
         row_of[0] = PAD_ROW  # the tokenizer pads with id 0
@@ -63,7 +64,10 @@ class SmallTextEncoder(nn.Module):
         return clip_tokenizer().eot_token_id
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return clip_tokenizer()(list(prompts), context_length=self.context_length)
+        ids = clip_tokenizer()(list(prompts), context_length=self.context_length)
+        if self.pad_with_end:  # SD's CLIP pads with its end token, so padding positions share its embedding
+            ids = torch.where(ids == 0, self.end_token_id, ids)
+        return ids
 
     def known_tokens(self, prompts: list[str]) -> int:
         """How many of the prompts' tokens have their own embedding row (not start, end or unknown)."""
