@@ -196,15 +196,15 @@ def markdown(result: dict) -> str:
              "(`python benchmarks/parallel.py` measures it against one after another with two).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lever in SAMPLE_LEVERS:
+        figures = [result[str(n)][part][lever] for n in threads for part in ("train_step", "sampling_call")
+                   if lever in result[str(n)].get(part, {})]
+        if not figures:
+            continue  # not asked for (--levers)
         cells = [lever]
         for part in ("train_step", "sampling_call"):
             for n in threads:
                 figure = result[str(n)].get(part, {}).get(lever)
                 cells.append(f"{figure['speed_vs_today']:.2f}x" if figure else "n/a")
-        figures = [result[str(n)][part][lever] for n in threads for part in ("train_step", "sampling_call")
-                   if lever in result[str(n)].get(part, {})]
-        if not figures:
-            continue  # not asked for (--levers)
         cells.append(f"{max(f['one_off_seconds'] for f in figures):.1f}")
         cells.append(f"{max(f['max_abs_diff'] for f in figures):.2g}")
         cells += list(DECISIONS.get(lever, ("(today's step)", "the reference every ratio is against")))
@@ -253,7 +253,7 @@ def main() -> None:
     batch = next(iter(training_loader(dataset, cfg)))
 
     result = {"benchmark": "levers", "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
-              "torch": torch.__version__, "machine": machine(), "fine_tune_batch": cfg.batch_size, "sampling_batch": 2 * params.sample.batch_size}
+              "machine": machine(), "fine_tune_batch": cfg.batch_size, "sampling_batch": 2 * params.sample.batch_size}
     today = {}
     for n in args.threads:
         torch.set_num_threads(n)

@@ -98,6 +98,7 @@ def generate(
     capture = trace is not None and trace.attention
     control = attention_control(model) if capture or in_attention else None
     empty = model.encode_text(model.text_encoder.tokenize([""]))
+    bf16 = cfg.precision == "bf16-mixed"
     out = []
     batches = -(-len(prompts) // cfg.batch_size)
     bar = progress(total=batches * len(scheduler.timesteps), desc=label, unit="step") if label else None
@@ -116,7 +117,7 @@ def generate(
             if capture:
                 stack.enter_context(control.capturing())
             for t in scheduler.timesteps:
-                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16-mixed"):
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     eps_uncond, eps_cond = guided_pass(model.unet, scheduler.scale_model_input(x, t), t, cond,
                                                        empty.expand_as(cond))
                 eps_uncond, eps_cond = eps_uncond.float(), eps_cond.float()

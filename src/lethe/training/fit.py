@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lethe.config import TrainConfig
@@ -189,15 +190,14 @@ def _trainer(cfg: TrainConfig, **kwargs) -> L.Trainer:
                          f"{cfg.devices!r}, num_nodes {cfg.num_nodes}, precision {cfg.precision!r}): {first}")
 
 
-class ExactEMA(EMAWeightAveraging):
-    """Lightning's EMA, its update written as a step towards the current weights: average + (1 - decay) *
-    (current - average). torch's `decay * average + (1 - decay) * current` rounds a weight that never moves
-    (a frozen one: everything outside a LoRA or a masked method's parameters) away from itself, so the
-    saved model would no longer hold the base's weights bit for bit."""
+class ExactEMA(WeightAveraging):
+    """An EMA of the weights after every optimizer step, by torch's `get_ema_multi_avg_fn`: one in-place
+    `lerp` towards the current weights over all of them. Lightning's EMAWeightAveraging uses torch's
+    `decay * average + (1 - decay) * current`, which rounds a weight that never moves (a frozen one: everything
+    outside a LoRA or a masked method's parameters) away from itself; a lerp leaves it bit for bit the base's."""
 
     def __init__(self, decay: float):
-        super().__init__(decay=decay, use_buffers=False)
-        self._kwargs["avg_fn"] = lambda average, current, updates: average.lerp(current, 1 - decay)
+        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def fit(
