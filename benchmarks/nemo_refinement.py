@@ -22,7 +22,7 @@ def main() -> None:
     from lethe.data.prepared import PreparedData
     from lethe.localization.nemo import MemorizationScore, calibrate, encode, localize, value_activations
     from lethe.models.diffusion_model import build_scheduler, load_model
-    from lethe.sampling import first_step
+    from lethe.sampling import nemo_step
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/baseline")
@@ -36,7 +36,7 @@ def main() -> None:
     data = PreparedData.load("data/prepared")
     model = load_model(args.model)
     scheduler = build_scheduler(model, params.diffusion)
-    t, noise = first_step(model, scheduler, params.sample.steps, cfg.seeds)
+    t, noise = nemo_step(model, scheduler, cfg.seeds)
 
     stats, tau, target, memorized, _ = calibrate(model, data, t, noise, cfg.holdout_prompts)
     chosen = [target[i] for i in memorized[: args.prompts]]

@@ -116,3 +116,22 @@ def test_memattn_filter_trains_and_logs_skips(smoke_params, tiny_data, tiny_mode
     fit(module, dataset, cfg, tmp_path / "ckpt")
     seen = module.filter.stats[:, 0]
     assert seen.sum() > 0 and (module.filter.stats[seen > 1, 2] > 0).all()
+
+
+def test_nemo_scores_the_second_timestep_of_a_50_step_schedule_as_its_authors_code(tiny_model):
+    """NeMo's code returns at step index 1 of 50 without stepping x_T: t = 961 on SD's schedule (steps_offset 1)."""
+    from diffusers import DDPMScheduler
+
+    from lethe.sampling import nemo_step
+
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    t, noise = nemo_step(tiny_model, sd, 3)
+    assert int(t) == 961 and noise.shape == (3, *tiny_model.sample_shape)
+    assert int(nemo_step(tiny_model, DDPMScheduler(), 1)[0]) == 960
+
+
+def test_begin_mass_reads_the_first_steps_beginning_token_share_in_es_layer():
+    from lethe.memorization.detectors import begin_mass
+
+    maps = {"down": torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]), "up": torch.tensor([[[0.2, 0.4, 0.4], [1.0, 0.0, 0.0]]])}
+    assert begin_mass(maps, 0).tolist() == pytest.approx([0.7]) and begin_mass(maps, 1).tolist() == pytest.approx([0.2])

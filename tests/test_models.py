@@ -89,3 +89,17 @@ def test_latent_path_trains_and_samples(tmp_path):
 def test_corpus_vocabulary_has_start_and_end():
     vocab = corpus_vocabulary(["a one"])
     assert 49406 in vocab and 49407 in vocab and len(vocab) == 4
+
+
+def test_cross_attention_layers_come_in_the_order_a_forward_pass_visits_them(tiny_model):
+    """A layer index (MemAttn's E layer, its training filter's layer) counts in forward order; named_modules
+    lists the mid block after the up blocks."""
+    from lethe.memorization.attention import cross_attention_layers
+
+    layers, visited = cross_attention_layers(tiny_model.unet), []
+    hooks = [m.register_forward_hook(lambda mod, *_, name=name: visited.append(name)) for name, m in layers.items()]
+    x = torch.randn(1, *tiny_model.sample_shape)
+    tiny_model.unet(x, 10, encoder_hidden_states=tiny_model.encode_text(tiny_model.text_encoder.tokenize(["a 3"])))
+    for h in hooks:
+        h.remove()
+    assert visited == list(layers) and any("mid_block" in n for n in layers) and any("up_blocks" in n for n in layers)

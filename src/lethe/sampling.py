@@ -75,8 +75,19 @@ def sampling_scheduler(train_scheduler: SchedulerMixin, steps: int) -> DDIMSched
 
 
 def first_step(model: DiffusionModel, train_scheduler: SchedulerMixin, steps: int, seeds: int):
-    """The sampler's first timestep and one starting noise per seed (NeMo's inputs)."""
+    """The sampler's first timestep and one starting noise per seed (Wen's inputs)."""
     return sampling_scheduler(train_scheduler, steps).timesteps[0], initial_noise(model.sample_shape, list(range(seeds)))
+
+
+# NeMo's code scores ε̂(x_T, t, c) − x_T at the second timestep of a 50-step DDIM schedule, on the starting
+# noise itself (its loop stops at i = 1 and never steps the latents): t = 961 on Stable Diffusion's schedule
+NEMO_SCHEDULE_STEPS, NEMO_STEP_INDEX = 50, 1
+
+
+def nemo_step(model: DiffusionModel, train_scheduler: SchedulerMixin, seeds: int):
+    """NeMo's timestep and one starting noise per seed."""
+    t = sampling_scheduler(train_scheduler, NEMO_SCHEDULE_STEPS).timesteps[NEMO_STEP_INDEX]
+    return t, initial_noise(model.sample_shape, list(range(seeds)))
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from lethe.models.diffusion_model import in_forward_order
+
 
 class AttentionControl:
     def __init__(self, layers: list[str]):
@@ -114,7 +116,9 @@ class CrossAttentionProcessor:
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
-    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    """The U-Net's cross-attention modules by name, in forward order (what a layer index counts)."""
+    modules = {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    return {name: modules[name] for name in in_forward_order(list(modules))}
 
 
 def attention_control(model) -> AttentionControl:

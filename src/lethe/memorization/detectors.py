@@ -50,6 +50,12 @@ def memattn_scores(maps: dict[str, torch.Tensor], ids: torch.Tensor, end_id: int
     return {"memattn_e": e, "memattn_d": entropy(a[:, last]).mean(1) + shift}
 
 
+def begin_mass(maps: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """Per generation, the beginning token's share of the first step's attention in E's layer. MemAttn's
+    premise: on Stable Diffusion most attention rests on that token, and a memorized prompt pulls it away."""
+    return maps[list(maps)[layer]][:, 0, 0].float()
+
+
 def _summary_entropy(a: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     """-Σ a_i ln a_i over the summary positions only."""
     mask = summary if a.dim() == 2 else summary[:, None, :]

@@ -89,6 +89,13 @@ class DiffusionModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(keep)}
 
 
+def in_forward_order(names: list[str]) -> list[str]:
+    """U-Net module names in the order a forward pass visits them: down, mid, up (named_modules visits the
+    mid block last, after the up blocks)."""
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(names, key=lambda n: order.get(n.split(".")[0], 3))
+
+
 def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: list[int] | None = None) -> DiffusionModel:
     """A fresh model: random pixel-space U-Net and text encoder, or a local Stable Diffusion checkpoint."""
     spec = dict(model=cfg.model_dump(mode="json"), resolution=resolution, channels=channels)

@@ -29,11 +29,11 @@ from lethe.evaluation.intervals import with_intervals  # noqa: E402
 from lethe.evaluation.metrics import TrainingSet  # noqa: E402
 from lethe.files import atomic_dir, content_hash, write_json  # noqa: E402
 from lethe.memorization.attention import cross_attention_layers  # noqa: E402
-from lethe.memorization.detectors import detection_quality, memattn_scores, nemo_scores, wen_scores  # noqa: E402
+from lethe.memorization.detectors import begin_mass, detection_quality, memattn_scores, nemo_scores, wen_scores  # noqa: E402
 from lethe.memorization.noise_magnitude import first_step_magnitudes  # noqa: E402
 from lethe.models.diffusion_model import build_scheduler, load_model  # noqa: E402
 from lethe.paths import BASELINE, DATA, DETECT_METRICS, REPORTS  # noqa: E402
-from lethe.sampling import SamplingTrace, first_step, generate  # noqa: E402
+from lethe.sampling import SamplingTrace, generate, nemo_step  # noqa: E402
 from lethe.tracking import stage_run  # noqa: E402
 
 SCORES = ("wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim")
@@ -50,8 +50,9 @@ def prompt_scores(params: Params, model, scheduler, prompts: list[str], training
     seconds = time.perf_counter() - started
     per_generation = {**wen_scores(trace.magnitudes),
                       **memattn_scores(trace.maps, trace.token_ids, model.text_encoder.end_token_id, cfg.memattn_layer)}
+    per_generation["begin_mass"] = begin_mass(trace.maps, cfg.memattn_layer)
     scores = {name: values.view(-1, k).mean(1) for name, values in per_generation.items()}
-    t, noise = first_step(model, scheduler, params.sample.steps, cfg.nemo_seeds)
+    t, noise = nemo_step(model, scheduler, cfg.nemo_seeds)
     states = model.encode_text(model.text_encoder.tokenize(prompts)).detach()
     scores["nemo_ssim"] = nemo_scores(model.unet, t, noise.to(states.device), states).cpu()
     scores["replicated_share"] = training.replication(images)["copied"].float().view(-1, k).mean(1)
@@ -86,6 +87,9 @@ def detect(params: Params) -> dict[str, float]:
         for group in ("dup", "unique", "holdout"):
             if (groups == group).any():
                 metrics[f"detection/{name}/mean/{group}"] = float(values[groups == group].mean())
+    begin = scores["begin_mass"].numpy()
+    for label, rows in (("memorized", measured), ("other", ~measured)):
+        metrics[f"detection/memattn_begin_mass/{label}"] = float(begin[rows].mean()) if rows.any() else float("nan")
     for group in ("dup", "unique", "holdout"):
         metrics[f"detection/memorized_share/{group}"] = float(measured[groups == group].mean()) if (groups == group).any() else 0.0
     metrics["cost/seconds_per_image"] = float(scores["sampling_seconds"]) / (len(records) * cfg.generations_per_prompt)

@@ -20,7 +20,7 @@ from lethe.localization import nemo
 from lethe.models.diffusion_model import build_scheduler, load_model, save_model
 from lethe.paths import BASELINE, DATA, LOCALIZE_METRICS, REPORTS, model_dir, train_metrics_file
 from lethe.progress import progress
-from lethe.sampling import first_step
+from lethe.sampling import nemo_step
 from lethe.tracking import stage_run
 
 
@@ -30,7 +30,7 @@ def localize(params: Params) -> dict[str, float]:
     data = PreparedData.load(DATA)
     model = load_model(BASELINE)
     scheduler = build_scheduler(model, params.diffusion)
-    t, noise = first_step(model, scheduler, params.sample.steps, cfg.seeds)
+    t, noise = nemo_step(model, scheduler, cfg.seeds)
 
     stats, tau, target, memorized, target_scores = nemo.calibrate(model, data, t, noise, cfg.holdout_prompts)
     memorized = memorized[: cfg.max_prompts]

@@ -28,7 +28,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lethe.models.diffusion_model import DiffusionModel
+from lethe.models.diffusion_model import DiffusionModel, in_forward_order
 from lethe.training.module import DiffusionTraining
 
 FAMILIES = ("attention", "difffit", "svdiff", "lora")
@@ -39,9 +39,7 @@ BRANCH_OUTPUTS = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
 
 def transformer_blocks(unet: nn.Module) -> list[str]:
     """The U-Net's transformer blocks in order: down, mid, up (one mask bit each)."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel) and ".attentions." in n]
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return sorted(names, key=lambda n: order[n.split(".")[0]])  # named_modules visits mid_block last
+    return in_forward_order([n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel) and ".attentions." in n])
 
 
 @dataclass(frozen=True)
