@@ -143,6 +143,8 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
         "accuracy": own(b, "quality/prompt_accuracy/holdout", n_hold),
         "nemo_localized": (share, share - half, share + half, memorized),
         "nemo_median_neurons": (loc["nemo/median_neurons"], math.nan, math.nan, memorized),
+        # runs made before localize counted it have none
+        "nemo_blockable": (loc.get("nemo/blockable_prompts", math.nan) / max(memorized, 1), math.nan, math.nan, memorized),
         "memattn_dup_change": own(m, "vs_baseline/replication_rate_dup/diff", n_dup),
         "memattn_accuracy_change": own(m, "vs_baseline/quality_prompt_accuracy_holdout/diff", n_hold),
         "finetune_minutes": (b["cost/train_seconds"] / 60, math.nan, math.nan, 0),
@@ -154,7 +156,7 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
 
 
 COLUMNS = ("dup", "holdout", "reid_dup", "accuracy", "wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim",
-           "nemo_localized", "nemo_median_neurons", "memattn_dup_change", "memattn_accuracy_change",
+           "nemo_localized", "nemo_median_neurons", "nemo_blockable", "memattn_dup_change", "memattn_accuracy_change",
            "finetune_minutes", "run_minutes")
 
 
@@ -164,7 +166,7 @@ def pooled_run_sd(by_lever: dict[str, list[dict]]) -> dict[str, tuple[float, int
     for column in COLUMNS:
         squares, df = 0.0, 0
         for runs in by_lever.values():
-            values = [r[column][0] for r in runs]
+            values = [r[column][0] for r in runs if math.isfinite(r[column][0])]
             if len(values) > 1:
                 squares += float(np.var(values, ddof=1)) * (len(values) - 1)
                 df += len(values) - 1
@@ -175,6 +177,7 @@ def pooled_run_sd(by_lever: dict[str, list[dict]]) -> dict[str, tuple[float, int
 
 def _parts(runs: list[dict], column: str, run_sd: tuple[float, int] | None):
     """(mean, prompt variance, prompt df, run variance of the mean, run df)."""
+    runs = [r for r in runs if math.isfinite(r[column][0])] or runs
     values = [r[column][0] for r in runs]
     widths = [(r[column][2] - r[column][1]) / (2 * Z) for r in runs]
     prompt_var = float(np.mean(np.square(widths))) if all(math.isfinite(w) for w in widths) else 0.0
@@ -212,10 +215,12 @@ def table(results: Path) -> dict:
                 row[column]["change"] = mean - base[0]
                 row[column]["change_significant"] = int(np.sign(d_low)) if np.sign(d_low) == np.sign(d_high) else 0
         rows[lever] = row
-    return {"commits": commits, "run_sd": {k: {"sd": v[0], "df": v[1]} for k, v in noise.items()}, "levers": rows}
+    return {"commits": commits, "default_lever": current_lever(), "run_sd": {k: {"sd": v[0], "df": v[1]} for k, v in noise.items()}, "levers": rows}
 
 
 def _cell(figure: dict, digits: int = 2, interval: bool = True) -> str:
+    if not math.isfinite(figure["value"]):
+        return "–"
     star = {1: " ↑", -1: " ↓"}.get(figure.get("change_significant", 0), "")
     value = f"{figure['value']:.{digits}f}"
     if interval and figure["ci_low"] != figure["ci_high"]:
@@ -226,7 +231,7 @@ def _cell(figure: dict, digits: int = 2, interval: bool = True) -> str:
 def markdown(result: dict) -> str:
     head = ("| lever | seeds | dup copy rate | holdout copy rate | dup re-identification | prompt accuracy (holdout) "
             "| Wen AUROC first step | Wen AUROC all steps | MemAttn E AUROC | MemAttn D AUROC | NeMo SSIM AUROC "
-            "| NeMo localized share | NeMo median neurons | MemAttn mitigation: dup rate change | its accuracy change "
+            "| NeMo localized share | NeMo median neurons | NeMo blockable share | MemAttn mitigation: dup rate change | its accuracy change "
             "| fine-tune minutes | run minutes |")
     lines = ["# The embedded model's levers toward Stable Diffusion", "",
              "Written by `python benchmarks/ablation.py table --markdown > docs/ablation.md` from the runs in "
@@ -234,17 +239,57 @@ def markdown(result: dict) -> str:
              f"{', '.join(result['commits'])}). Each figure is the mean over the lever's seeds with its 95% "
              "interval: one run's prompt bootstrap plus training-run noise (pooled over the levers run at several "
              "seeds). ↑ or ↓: the change against no lever excludes 0. AUROCs: memorized prompts (measured "
-             "truth) against the rest; 0.5 is chance. Minutes: one thread, one stage at a time.", "",
+             "truth) against the rest; 0.5 is chance. NeMo blockable share: memorized prompts whose score falls below "
+             "τ_mem with every neuron NeMo searches blocked at once (– where a run predates that count). MemAttn "
+             "mitigation: its paired change against the same run's baseline. Minutes: one thread, one stage at a "
+             "time.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for lever, row in result["levers"].items():
         cells = [DESCRIPTION[lever], str(row["seeds"])]
         for column in COLUMNS:
-            interval = column not in ("nemo_median_neurons", "finetune_minutes", "run_minutes")
+            interval = column not in ("nemo_median_neurons", "nemo_blockable", "finetune_minutes", "run_minutes")
             cells.append(_cell(row[column], 1 if column.endswith(("minutes", "neurons")) else 2, interval))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Goals met, per lever (of " + str(len(goals(next(iter(result["levers"].values())), None)) + 1) + "): "
+              + "; ".join(f"{DESCRIPTION[lever]} {sum(met for *_, met in goals(row, result['levers'].get('none')))}"
+                          for lever, row in result["levers"].items()) + "."]
+    default = result.get("default_lever")
+    if default in result["levers"]:
+        lines += ["", f"## The goals on the default ({DESCRIPTION[default]})", "", "| goal | measured | met |", "|---|---|---|"]
+        lines += [f"| {goal} | {measured} | {'yes' if met else 'no'} |"
+                  for goal, measured, met in goals(result["levers"][default], result["levers"].get("none"))]
     sds = ", ".join(f"{k} {v['sd']:.3f}" for k, v in result["run_sd"].items() if k in ("dup", "wen_first", "memattn_e", "nemo_ssim"))
     lines += ["", f"Training-run standard deviations (pooled, df {max((v['df'] for v in result['run_sd'].values()), default=0)}): {sds}."]
     return "\n".join(lines) + "\n"
+
+
+def current_lever() -> str | None:
+    """The lever whose settings params.yaml holds now (seeds aside): the default the goals are read on."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for lever in LEVERS:
+        candidate = lever_params(yaml.safe_load((ROOT / "params.yaml").read_text()), lever, params["finetune"]["seed"])
+        candidate["pretrain"]["seed"] = params["pretrain"]["seed"]
+        if candidate == params:
+            return lever
+    return None
+
+
+def goals(row: dict, none: dict | None) -> list[tuple[str, str, bool]]:
+    """The cross-attention goals on one lever's row: (goal, what was measured, met)."""
+    f = lambda c: row[c]
+    out = [("baseline memorizes: dup rate ≥ 0.5, its lower bound above the holdout's upper bound",
+            f"{f('dup')['value']:.2f} [{f('dup')['ci_low']:.2f}, …]; holdout upper {f('holdout')['ci_high']:.2f}",
+            f("dup")["value"] >= 0.5 and f("dup")["ci_low"] > f("holdout")["ci_high"]),
+           ("Wen's AUROC ≥ 0.95 (first step or all steps)",
+            f"{f('wen_first')['value']:.2f} / {f('wen_all')['value']:.2f}", max(f("wen_first")["value"], f("wen_all")["value"]) >= 0.95),
+           ("MemAttn's E AUROC ≥ 0.80", f"{f('memattn_e')['value']:.2f}", f("memattn_e")["value"] >= 0.80),
+           ("NeMo localizes ≥ 50% of memorized prompts, median ≤ 10 neurons",
+            f"{f('nemo_localized')['value']:.2f}, median {f('nemo_median_neurons')['value']:.0f}",
+            f("nemo_localized")["value"] >= 0.5 and f("nemo_median_neurons")["value"] <= 10)]
+    if none:
+        ratio = f("run_minutes")["value"] / none["run_minutes"]["value"]
+        out.append(("the run within 1.3x of no lever's", f"{ratio:.2f}x", ratio <= 1.3))
+    return out
 
 
 def main() -> None:

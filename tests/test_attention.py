@@ -228,3 +228,17 @@ def test_first_passing_finds_the_first_below_tau():
     assert first_passing(sets[:2], synthetic_score(calls), 0.5, batch_size=2) is None
     assert first_passing(sets, synthetic_score(calls), 0.2, batch_size=2) is None  # strictly below, in refinement
     assert first_passing(sets, synthetic_score(calls), 0.2, batch_size=2, inclusive=True) == (2, 0.2)  # at most, initially
+
+
+def test_nemo_with_every_neuron_blocked_scores_below_the_intact_model(tiny_model):
+    """localize's `score_all_blocked`: NeMo's whole search space off at once moves the noise difference away
+    from the intact one; nothing blocked scores 1."""
+    from lethe.localization import nemo
+    from lethe.sampling import nemo_step
+
+    t, noise = nemo_step(tiny_model, __import__("diffusers").DDPMScheduler(), 3)
+    states = tiny_model.encode_text(tiny_model.text_encoder.tokenize(["a handwritten 3"])).detach()
+    score = nemo.MemorizationScore(tiny_model, t, noise, states, tau=-1.0)  # tau -1: every seed kept
+    every = frozenset((layer, c) for layer, channels in score.channels.items() for c in range(channels))
+    intact, blocked = score([frozenset(), every])
+    assert intact == pytest.approx(1.0, abs=1e-4) and blocked < intact - 1e-3

@@ -244,6 +244,8 @@ def test_detection_localization_and_inference_mitigations(repo, reproduced):
     assert (repo / "reports/detect/roc.png").is_file() and (repo / "reports/detect/scores.json").is_file()
     localized = json.loads((repo / "metrics/localize.json").read_text())
     assert localized["nemo/tau_mem"] > 0 and localized["nemo/localized_prompts"] <= localized["nemo/memorized_prompts"]
+    assert 0 <= localized["nemo/blockable_prompts"] <= localized["nemo/memorized_prompts"]
+    assert 0 < detect["detection/memattn_begin_mass/other"] < 1
     nemo = json.loads((repo / "models/nemo/config.json").read_text())
     assert len(nemo["nemo"]["neurons"]) == localized["nemo/union_neurons"]
     assert json.loads((repo / "models/memattn/config.json").read_text())["inference"]["memattn"]["begin_scale"] == 1.25

@@ -44,10 +44,14 @@ def localize(params: Params) -> dict[str, float]:
         begun = time.perf_counter()
         found = nemo.localize(score, z, {k: v[0] for k, v in activations.items()}, tau, cfg.iterations, cfg.batch_size)
         neurons = found.neurons if found is not None else None
+        # NeMo's whole search space blocked at once: above τ_mem, no set of its neurons can localize the prompt
+        every = frozenset((layer, c) for layer, channels in score.channels.items() for c in range(channels))
+        all_blocked = score([every])[0] if len(score.kept) else None
         rows.append({"id": record.id, "caption": record.caption, "dup_count": record.dup_count,
                      "score": float(target_scores[i]), "seeds_kept": len(score.kept),
                      "reached_tau": found.reached_tau if found is not None else None,
                      "score_after": score([neurons])[0] if neurons is not None else None,
+                     "score_all_blocked": all_blocked,
                      "neurons": sorted([list(n) for n in neurons]) if neurons is not None else None,
                      "seconds": time.perf_counter() - begun})
         union |= neurons or set()
@@ -60,6 +64,8 @@ def localize(params: Params) -> dict[str, float]:
         "nemo/localized_prompts": float(sum(bool(r["reached_tau"]) for r in rows)),  # an initial set reached τ_mem
         "nemo/median_neurons": float(statistics.median(counts)) if counts else float("nan"),
         "nemo/union_neurons": float(len(union)),
+        # prompts whose score falls below τ_mem with every down- and mid-block value neuron blocked
+        "nemo/blockable_prompts": float(sum(r["score_all_blocked"] is not None and r["score_all_blocked"] < tau for r in rows)),
         "nemo/seconds_per_prompt": seconds / max(len(memorized), 1),
     }
     with stage_run(params, stage="localize", method="nemo", sections=("nemo", "sample"), data_hash=content_hash(DATA)):
