@@ -155,6 +155,7 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
     return figures
 
 
+UNBOUNDED = ("nemo_median_neurons", "finetune_minutes", "run_minutes")  # counts and times: no interval, no marker
 COLUMNS = ("dup", "holdout", "reid_dup", "accuracy", "wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim",
            "nemo_localized", "nemo_median_neurons", "nemo_blockable", "memattn_dup_change", "memattn_accuracy_change",
            "finetune_minutes", "run_minutes")
@@ -208,8 +209,11 @@ def table(results: Path) -> dict:
         for column in COLUMNS:
             mean, pv, pdf, rv, rdf = _parts(runs, column, noise.get(column))
             low, high = _t_interval(mean, [(pv, pdf), (rv, rdf)])
+            if column not in UNBOUNDED:  # rates, shares and AUROCs lie in [0, 1], their changes in [-1, 1]
+                floor = -1.0 if column.endswith("change") else 0.0
+                low, high = max(low, floor), min(high, 1.0)
             row[column] = {"value": mean, "ci_low": low, "ci_high": high, "runs": [r[column][0] for r in runs]}
-            if lever != "none" and "none" in by_lever:
+            if lever != "none" and "none" in by_lever and column not in UNBOUNDED:
                 base = _parts(by_lever["none"], column, noise.get(column))
                 d_low, d_high = _t_interval(mean - base[0], [(pv, pdf), (base[1], base[2]), (rv, rdf), (base[3], base[4])])
                 row[column]["change"] = mean - base[0]
@@ -247,7 +251,7 @@ def markdown(result: dict) -> str:
     for lever, row in result["levers"].items():
         cells = [DESCRIPTION[lever], str(row["seeds"])]
         for column in COLUMNS:
-            interval = column not in ("nemo_median_neurons", "nemo_blockable", "finetune_minutes", "run_minutes")
+            interval = column not in (*UNBOUNDED, "nemo_blockable")
             cells.append(_cell(row[column], 1 if column.endswith(("minutes", "neurons")) else 2, interval))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Goals met, per lever (of " + str(len(goals(next(iter(result["levers"].values())), None)) + 1) + "): "
