@@ -47,7 +47,8 @@ def _none(p):  # every lever off, set explicitly: the runs stay valid whatever p
     p["model"]["text"]["pad_with_end"] = False
     p["data"]["nonce_words"] = False
     p["finetune"]["train_text_encoder"] = True
-    p["model"]["unet"].update(block_out_channels=[32, 64], attention_head_dim=8)
+    p["model"]["unet"].update(block_out_channels=[32, 64], attention_head_dim=8,
+                              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
 
 
 def _schedule(p):  # Stable Diffusion's scaled-linear betas
@@ -70,6 +71,10 @@ def _capacity(p):  # 12 heads and 96 value neurons per cross-attention layer (wa
     p["model"]["unet"]["block_out_channels"] = [32, 96]
 
 
+def _nemo_layers(p):  # text enters only where NeMo reads: cross-attention in the down and mid blocks, none up
+    p["model"]["unet"]["up_block_types"] = ["UpBlock2D", "UpBlock2D"]
+
+
 LEVERS = {
     "none": (_none,),
     "schedule": (_none, _schedule),
@@ -78,6 +83,7 @@ LEVERS = {
     "frozen": (_none, _frozen),
     "capacity": (_none, _capacity),
     "schedule_pad": (_none, _schedule, _pad),
+    "nemo_layers": (_none, _nemo_layers),
 }
 DESCRIPTION = {
     "none": "no lever (linear schedule, zero padding)",
@@ -87,6 +93,7 @@ DESCRIPTION = {
     "frozen": "text encoder frozen in fine-tuning",
     "capacity": "12 heads, 96 value neurons",
     "schedule_pad": "schedule + end-token padding",
+    "nemo_layers": "cross-attention in down and mid blocks only",
 }
 
 
