@@ -84,6 +84,7 @@ LEVERS = {
     "capacity": (_none, _capacity),
     "schedule_pad": (_none, _schedule, _pad),
     "nemo_layers": (_none, _nemo_layers),
+    "schedule_pad_nemo_layers": (_none, _schedule, _pad, _nemo_layers),
 }
 DESCRIPTION = {
     "none": "no lever (linear schedule, zero padding)",
@@ -94,6 +95,7 @@ DESCRIPTION = {
     "capacity": "12 heads, 96 value neurons",
     "schedule_pad": "schedule + end-token padding",
     "nemo_layers": "cross-attention in down and mid blocks only",
+    "schedule_pad_nemo_layers": "schedule + padding + down and mid only",
 }
 
 
@@ -141,17 +143,17 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
     n_dup, n_hold = int(b["prompts/dup"]), int(b["prompts/holdout"])
     n_auroc = int(d["prompts/dup"]) + int(b["prompts/unique"]) + n_hold
     memorized = int(loc["nemo/memorized_prompts"])
-    share = loc["nemo/localized_prompts"] / max(memorized, 1)
-    half = Z * math.sqrt(share * (1 - share) / max(memorized, 1))  # binomial over the memorized prompts
+    binomial = lambda count: (count / max(memorized, 1), *((count / max(memorized, 1)) + s * Z * math.sqrt(
+        (count / max(memorized, 1)) * (1 - count / max(memorized, 1)) / max(memorized, 1)) for s in (-1, 1)), memorized)
     figures = {
         "dup": own(b, "replication/rate/dup", n_dup),
         "holdout": own(b, "replication/rate/holdout", n_hold),
         "reid_dup": own(b, "replication/reid_rate/dup", n_dup),
         "accuracy": own(b, "quality/prompt_accuracy/holdout", n_hold),
-        "nemo_localized": (share, share - half, share + half, memorized),
+        "nemo_localized": binomial(loc["nemo/localized_prompts"]),  # over the memorized prompts
         "nemo_median_neurons": (loc["nemo/median_neurons"], math.nan, math.nan, memorized),
         # runs made before localize counted it have none
-        "nemo_blockable": (loc.get("nemo/blockable_prompts", math.nan) / max(memorized, 1), math.nan, math.nan, memorized),
+        "nemo_blockable": binomial(loc.get("nemo/blockable_prompts", math.nan)),
         "memattn_dup_change": own(m, "vs_baseline/replication_rate_dup/diff", n_dup),
         "memattn_accuracy_change": own(m, "vs_baseline/quality_prompt_accuracy_holdout/diff", n_hold),
         "finetune_minutes": (b["cost/train_seconds"] / 60, math.nan, math.nan, 0),
@@ -258,7 +260,7 @@ def markdown(result: dict) -> str:
     for lever, row in result["levers"].items():
         cells = [DESCRIPTION[lever], str(row["seeds"])]
         for column in COLUMNS:
-            interval = column not in (*UNBOUNDED, "nemo_blockable")
+            interval = column not in UNBOUNDED
             cells.append(_cell(row[column], 1 if column.endswith(("minutes", "neurons")) else 2, interval))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Goals met, per lever (of " + str(len(goals(next(iter(result["levers"].values())), None)) + 1) + "): "
