@@ -156,6 +156,8 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
         "nemo_blockable": binomial(loc.get("nemo/blockable_prompts", math.nan)),
         "memattn_dup_change": own(m, "vs_baseline/replication_rate_dup/diff", n_dup),
         "memattn_accuracy_change": own(m, "vs_baseline/quality_prompt_accuracy_holdout/diff", n_hold),
+        # MemAttn's premise, an attention sink on the beginning token: its first-step share for ordinary prompts
+        "begin_mass": (d.get("detection/memattn_begin_mass/other", math.nan), math.nan, math.nan, 0),
         "finetune_minutes": (b["cost/train_seconds"] / 60, math.nan, math.nan, 0),
         "run_minutes": (record["seconds"] / 60, math.nan, math.nan, 0),
     }
@@ -164,10 +166,10 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
     return figures
 
 
-UNBOUNDED = ("nemo_median_neurons", "finetune_minutes", "run_minutes")  # counts and times: no interval, no marker
+UNBOUNDED = ("nemo_median_neurons", "begin_mass", "finetune_minutes", "run_minutes")  # counts and times: no interval, no marker
 COLUMNS = ("dup", "holdout", "reid_dup", "accuracy", "wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim",
            "nemo_localized", "nemo_median_neurons", "nemo_blockable", "memattn_dup_change", "memattn_accuracy_change",
-           "finetune_minutes", "run_minutes")
+           "begin_mass", "finetune_minutes", "run_minutes")
 
 
 def pooled_run_sd(by_lever: dict[str, list[dict]]) -> dict[str, tuple[float, int]]:
@@ -254,14 +256,17 @@ def markdown(result: dict) -> str:
              "seeds). ↑ or ↓: the change against no lever excludes 0. AUROCs: memorized prompts (measured "
              "truth) against the rest; 0.5 is chance. NeMo blockable share: memorized prompts whose score falls below "
              "τ_mem with every neuron NeMo searches blocked at once (– where a run predates that count). MemAttn "
-             "mitigation: its paired change against the same run's baseline. Minutes: one thread, one stage at a "
+             "mitigation: its paired change against the same run's baseline. Beginning token's attention share: its "
+             "first-step share in MemAttn's E layer for prompts not memorized (on Stable Diffusion most of the "
+             "attention; uniform over the context would be 1/24). Minutes: one thread, one stage at a "
              "time.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for lever, row in result["levers"].items():
         cells = [DESCRIPTION[lever], str(row["seeds"])]
         for column in COLUMNS:
             interval = column not in UNBOUNDED
-            cells.append(_cell(row[column], 1 if column.endswith(("minutes", "neurons")) else 2, interval))
+            digits = 1 if column.endswith(("minutes", "neurons")) else 3 if column == "begin_mass" else 2
+            cells.append(_cell(row[column], digits, interval))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Goals met, per lever (of " + str(len(goals(next(iter(result["levers"].values())), None)) + 1) + "): "
               + "; ".join(f"{DESCRIPTION[lever]} {sum(met for *_, met in goals(row, result['levers'].get('none')))}"
