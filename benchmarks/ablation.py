@@ -276,6 +276,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"## The goals on the default ({DESCRIPTION[default]})", "", "| goal | measured | met |", "|---|---|---|"]
         lines += [f"| {goal} | {measured} | {'yes' if met else 'no'} |"
                   for goal, measured, met in goals(result["levers"][default], result["levers"].get("none"))]
+    lines += ["", "## How far each lever moved each goal, and what would be needed", ""] + needed(result["levers"])
     sds = ", ".join(f"{k} {v['sd']:.3f}" for k, v in result["run_sd"].items() if k in ("dup", "wen_first", "memattn_e", "nemo_ssim"))
     lines += ["", f"Training-run standard deviations (pooled, df {max((v['df'] for v in result['run_sd'].values()), default=0)}): {sds}."]
     return "\n".join(lines) + "\n"
@@ -308,6 +309,30 @@ def goals(row: dict, none: dict | None) -> list[tuple[str, str, bool]]:
         ratio = f("run_minutes")["value"] / none["run_minutes"]["value"]
         out.append(("the run within 1.3x of no lever's", f"{ratio:.2f}x", ratio <= 1.3))
     return out
+
+
+def needed(levers: dict) -> list[str]:
+    """Per goal the lever that moved it most, and what the measured figures say is missing."""
+    best = lambda column: max(levers, key=lambda lever: levers[lever][column]["value"])
+    show = lambda column: f"{DESCRIPTION[best(column)]} ({levers[best(column)][column]['value']:.2f}, no lever " \
+        f"{levers['none'][column]['value']:.2f})" if "none" in levers else DESCRIPTION[best(column)]
+    sink = [row["begin_mass"]["value"] for row in levers.values() if math.isfinite(row["begin_mass"]["value"])]
+    lines = [f"- Wen (first step): highest with {show('wen_first')}. Every digit caption determines its picture's "
+             "class, so the text-conditional noise is large for ordinary prompts too, where on Stable Diffusion "
+             "it is small unless a prompt is memorized: captions that leave most of an ordinary picture open "
+             "(a compositional set) would be needed, with a featurizer and calibration of their own.",
+             f"- MemAttn's E: highest with {show('memattn_e')}. Its premise is attention resting on the beginning "
+             "token; here that token's share " + (f"stays at {max(sink):.3f} or less, below an even spread (0.042), "
+             "so there is no sink for a memorized prompt to move away from" if sink and max(sink) < 1 / 24 else
+             "is as the table shows") + ". A sink forms in a text encoder pretrained on a large caption corpus "
+             "(CLIP's, which the stable-diffusion preset loads from its checkpoint).",
+             f"- NeMo: localized share highest with {show('nemo_localized')}; blockable share highest with "
+             f"{show('nemo_blockable')}. Where blocking every neuron NeMo searches clears a memorized prompt "
+             "but its initial selection (the z-outliers and at most the 15 most active neurons a layer) does not, "
+             "the memorization is spread over most of a layer's value neurons rather than held by a few: "
+             "more value neurons than memorized pictures per layer, with the schedule and padding on, is the "
+             "untried next step (the capacity lever alone ran without them)."]
+    return lines
 
 
 def main() -> None:
