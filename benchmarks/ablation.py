@@ -138,13 +138,14 @@ def run(lever: str, seed: int, results: Path) -> dict:
 
 def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
     """Each column's (value, prompt interval low, high, prompts) from one run."""
-    b, d, loc, m = record["baseline"], record["detect"], record["localize"], record["memattn"]
+    # write_json stores NaN as null
+    b, d, loc, m = ({k: math.nan if v is None else v for k, v in record[part].items()}
+                    for part in ("baseline", "detect", "localize", "memattn"))
     own = lambda src, key, n: (src[key], src[f"{key}/ci_low"], src[f"{key}/ci_high"], n)
     n_dup, n_hold = int(b["prompts/dup"]), int(b["prompts/holdout"])
     n_auroc = int(d["prompts/dup"]) + int(b["prompts/unique"]) + n_hold
     memorized = int(loc["nemo/memorized_prompts"])
-    binomial = lambda count: (count / max(memorized, 1), *((count / max(memorized, 1)) + s * Z * math.sqrt(
-        (count / max(memorized, 1)) * (1 - count / max(memorized, 1)) / max(memorized, 1)) for s in (-1, 1)), memorized)
+    binomial = lambda count: (count / max(memorized, 1), *wilson(count, memorized), memorized)
     figures = {
         "dup": own(b, "replication/rate/dup", n_dup),
         "holdout": own(b, "replication/rate/holdout", n_hold),
@@ -167,6 +168,15 @@ def _figures(record: dict) -> dict[str, tuple[float, float, float, int]]:
 
 
 UNBOUNDED = ("nemo_median_neurons", "begin_mass", "finetune_minutes", "run_minutes")  # counts and times: no interval, no marker
+def wilson(count: float, n: int) -> tuple[float, float]:
+    """Wilson's 95% interval of a share count / n (not empty at 0 or n, unlike the normal one)."""
+    if not n or not math.isfinite(count):
+        return math.nan, math.nan
+    p, z2 = count / n, Z ** 2
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
 COLUMNS = ("dup", "holdout", "reid_dup", "accuracy", "wen_first", "wen_all", "memattn_e", "memattn_d", "nemo_ssim",
            "nemo_localized", "nemo_median_neurons", "nemo_blockable", "memattn_dup_change", "memattn_accuracy_change",
            "begin_mass", "finetune_minutes", "run_minutes")
@@ -226,7 +236,8 @@ def table(results: Path) -> dict:
             row[column] = {"value": mean, "ci_low": low, "ci_high": high, "runs": [r[column][0] for r in runs]}
             if lever != "none" and "none" in by_lever and column not in UNBOUNDED:
                 base = _parts(by_lever["none"], column, noise.get(column))
-                d_low, d_high = _t_interval(mean - base[0], [(pv, pdf), (base[1], base[2]), (rv, rdf), (base[3], base[4])])
+                # both runs' noise comes from one pooled s_run: one part, sd^2 (1/R + 1/R_none), at its df
+                d_low, d_high = _t_interval(mean - base[0], [(pv, pdf), (base[1], base[2]), (rv + base[3], rdf)])
                 row[column]["change"] = mean - base[0]
                 row[column]["change_significant"] = int(np.sign(d_low)) if np.sign(d_low) == np.sign(d_high) else 0
         rows[lever] = row
@@ -277,8 +288,9 @@ def markdown(result: dict) -> str:
         lines += [f"| {goal} | {measured} | {'yes' if met else 'no'} |"
                   for goal, measured, met in goals(result["levers"][default], result["levers"].get("none"))]
     lines += ["", "## How far each lever moved each goal, and what would be needed", ""] + needed(result["levers"])
-    sds = ", ".join(f"{k} {v['sd']:.3f}" for k, v in result["run_sd"].items() if k in ("dup", "wen_first", "memattn_e", "nemo_ssim"))
-    lines += ["", f"Training-run standard deviations (pooled, df {max((v['df'] for v in result['run_sd'].values()), default=0)}): {sds}."]
+    sds = ", ".join(f"{k} {v['sd']:.3f} (df {v['df']})" for k, v in result["run_sd"].items()
+                    if k in ("dup", "wen_first", "memattn_e", "nemo_ssim", "nemo_blockable"))
+    lines += ["", f"Training-run standard deviations, pooled over the levers run at several seeds: {sds}."]
     return "\n".join(lines) + "\n"
 
 
@@ -312,27 +324,34 @@ def goals(row: dict, none: dict | None) -> list[tuple[str, str, bool]]:
 
 
 def needed(levers: dict) -> list[str]:
-    """Per goal the lever that moved it most, and what the measured figures say is missing."""
-    best = lambda column: max(levers, key=lambda lever: levers[lever][column]["value"])
-    show = lambda column: f"{DESCRIPTION[best(column)]} ({levers[best(column)][column]['value']:.2f}, no lever " \
-        f"{levers['none'][column]['value']:.2f})" if "none" in levers else DESCRIPTION[best(column)]
+    """Per goal the lever(s) with the highest figure, whether that is outside the noise, and what the measured
+    figures say is missing."""
+    def show(column: str) -> str:
+        finite = {lever: row[column] for lever, row in levers.items() if math.isfinite(row[column]["value"])}
+        if not finite:
+            return "no run measured"
+        top = max(figure["value"] for figure in finite.values())
+        best = [lever for lever, figure in finite.items() if figure["value"] == top]
+        moved = any(finite[lever].get("change_significant", 0) == 1 for lever in best)
+        base = f", no lever {finite['none']['value']:.2f}" if "none" in finite else ""
+        return (f"{' and '.join(DESCRIPTION[lever] for lever in best)} ({top:.2f}{base}; "
+                + ("outside the noise)" if moved else "inside the noise)"))
+
     sink = [row["begin_mass"]["value"] for row in levers.values() if math.isfinite(row["begin_mass"]["value"])]
-    lines = [f"- Wen (first step): highest with {show('wen_first')}. Every digit caption determines its picture's "
-             "class, so the text-conditional noise is large for ordinary prompts too, where on Stable Diffusion "
-             "it is small unless a prompt is memorized: captions that leave most of an ordinary picture open "
-             "(a compositional set) would be needed, with a featurizer and calibration of their own.",
-             f"- MemAttn's E: highest with {show('memattn_e')}. Its premise is attention resting on the beginning "
-             "token; here that token's share " + (f"stays at {max(sink):.3f} or less, below an even spread (0.042), "
-             "so there is no sink for a memorized prompt to move away from" if sink and max(sink) < 1 / 24 else
-             "is as the table shows") + ". A sink forms in a text encoder pretrained on a large caption corpus "
-             "(CLIP's, which the stable-diffusion preset loads from its checkpoint).",
-             f"- NeMo: localized share highest with {show('nemo_localized')}; blockable share highest with "
-             f"{show('nemo_blockable')}. Where blocking every neuron NeMo searches clears a memorized prompt "
-             "but its initial selection (the z-outliers and at most the 15 most active neurons a layer) does not, "
-             "the memorization is spread over most of a layer's value neurons rather than held by a few: "
-             "more value neurons than memorized pictures per layer, with the schedule and padding on, is the "
-             "untried next step (the capacity lever alone ran without them)."]
-    return lines
+    return [f"- Wen (first step): highest with {show('wen_first')}. Every digit caption determines its picture's "
+            "class, so the text-conditional noise is large for ordinary prompts too, where on Stable Diffusion it "
+            "is small unless a prompt is memorized: captions that leave most of an ordinary picture open (a "
+            "compositional set) would be needed, with a featurizer and calibration of their own.",
+            f"- MemAttn's E: highest with {show('memattn_e')}. Its premise is attention resting on the beginning "
+            "token; here that token's share " + (f"stays at {max(sink):.3f} or less, below an even spread (0.042), "
+            "so there is no sink for a memorized prompt to move away from" if sink and max(sink) < 1 / 24 else
+            "is as the table shows") + ". A sink forms in a text encoder pretrained on a large caption corpus "
+            "(CLIP's, which the stable-diffusion preset loads from its checkpoint).",
+            f"- NeMo: localized share highest with {show('nemo_localized')}; blockable share highest with "
+            f"{show('nemo_blockable')}. Where blocking every neuron NeMo searches clears a memorized prompt but "
+            "its initial selection (the z-outliers and at most the 15 most active neurons a layer) does not, the "
+            "memorization is spread over many of a layer's value neurons rather than held by a few. Whether wider "
+            "layers concentrate it with the schedule and padding on is untried: the capacity lever ran without them."]
 
 
 def main() -> None:

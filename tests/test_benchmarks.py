@@ -53,7 +53,7 @@ def _ablation_record(lever: str, seed: int, dup: float, half_width: float = 0.0)
 def test_ablation_adds_pooled_training_run_noise_to_a_levers_interval(tmp_path):
     """Worked case: no lever at seeds 0 and 1 gives dup 0.6 and 0.7 with no prompt noise, so s_run = 0.0707
     (df 1) and the mean 0.65 has 0.65 ± t(0.975, 1) x 0.0707 / √2 = 0.65 ± 0.6353. A lever run once at 0.9
-    gets 0.9 ± 12.706 x 0.0707 = 0.9 ± 0.8985 (clipped at 1), and its change +0.25 ± 12.706 x 0.0707 x √1.5 is inside the noise."""
+    gets 0.9 ± 12.706 x 0.0707 = 0.9 ± 0.8985 (clipped at 1), and its change +0.25 ± 12.706 x 0.0707 x √1.5 (one pooled run part, df 1) is inside the noise."""
     import json
 
     ablation = benchmark("ablation")

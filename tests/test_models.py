@@ -103,3 +103,12 @@ def test_cross_attention_layers_come_in_the_order_a_forward_pass_visits_them(tin
     for h in hooks:
         h.remove()
     assert visited == list(layers) and any("mid_block" in n for n in layers) and any("up_blocks" in n for n in layers)
+
+
+def test_forward_order_keeps_a_wrapped_or_routed_unets_modules_together():
+    from lethe.models.diffusion_model import in_forward_order
+
+    assert in_forward_order(["down_blocks.1", "up_blocks.0", "mid_block", "conv_in"]) == ["down_blocks.1", "mid_block", "up_blocks.0", "conv_in"]
+    routed = ["high.down_blocks.1", "high.up_blocks.0", "high.mid_block", "low.down_blocks.1", "low.up_blocks.0", "low.mid_block"]
+    assert in_forward_order(routed) == ["high.down_blocks.1", "high.mid_block", "high.up_blocks.0",
+                                        "low.down_blocks.1", "low.mid_block", "low.up_blocks.0"]

@@ -29,9 +29,10 @@ from lethe.diffusion import noise_magnitude  # noqa: F401  (optimise_prompt_embe
 from lethe.inference.memattn import memattn_steering, through_first_end
 from lethe.inference.prompt_embedding import optimise_prompt_embedding
 from lethe.memorization.attention import AttentionControl, CrossAttentionProcessor, cross_attention_layers
+from lethe.models.diffusion_model import in_forward_order
 
 LETHE_CODE = (noise_magnitude, through_first_end, memattn_steering, optimise_prompt_embedding, AttentionControl,
-              CrossAttentionProcessor, cross_attention_layers)
+              CrossAttentionProcessor, in_forward_order, cross_attention_layers)
 # lethe code: end
 
 KNOWN = ("memattn", "wen_inference")

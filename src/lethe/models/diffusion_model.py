@@ -92,8 +92,16 @@ class DiffusionModel(nn.Module):
 def in_forward_order(names: list[str]) -> list[str]:
     """U-Net module names in the order a forward pass visits them: down, mid, up (named_modules visits the
     mid block last, after the up blocks)."""
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return sorted(names, key=lambda n: order.get(n.split(".")[0], 3))
+    order, wrappers = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}, {}
+
+    def key(name: str) -> tuple[int, int]:
+        # a wrapped U-Net's modules read `unet.down_blocks...`, a router's `high.up_blocks...`: each wrapper's
+        # modules stay together, in the order the wrappers come, each in forward order
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part in order), len(parts))
+        return wrappers.setdefault(".".join(parts[:at]), len(wrappers)), order.get(parts[at], 3) if at < len(parts) else 3
+
+    return sorted(names, key=key)
 
 
 def build_model(cfg: ModelConfig, resolution: int, channels: int, vocabulary: list[int] | None = None) -> DiffusionModel:

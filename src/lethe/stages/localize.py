@@ -44,7 +44,8 @@ def localize(params: Params) -> dict[str, float]:
         begun = time.perf_counter()
         found = nemo.localize(score, z, {k: v[0] for k, v in activations.items()}, tau, cfg.iterations, cfg.batch_size)
         neurons = found.neurons if found is not None else None
-        # NeMo's whole search space blocked at once: above τ_mem, no set of its neurons can localize the prompt
+        # NeMo's whole search space blocked at once: a guide to whether any set could localize the prompt (the
+        # score need not fall as more is blocked, so not a bound)
         every = frozenset((layer, c) for layer, channels in score.channels.items() for c in range(channels))
         all_blocked = score([every])[0] if len(score.kept) else None
         rows.append({"id": record.id, "caption": record.caption, "dup_count": record.dup_count,
@@ -77,7 +78,7 @@ def localize(params: Params) -> dict[str, float]:
         with atomic_dir(REPORTS / "localize") as tmp:
             write_json(tmp / "neurons.json", rows)
             write_text(tmp / "neurons.md", neuron_table(rows, tau))
-            # tau_mem's prompts: the tune part's (the noises are the seeds first_step draws for every prompt)
+            # tau_mem's prompts: the tune part's (the noises are the seeds nemo_step draws for every prompt)
             write_json(tmp / "prompts.json", tune_record({"holdout": nemo.tune_prompts(data, cfg.holdout_prompts)}))
         mlflow.log_artifacts(str(REPORTS / "localize"))
     write_json(train_metrics_file("nemo"), {**baseline_costs(), "cost/localize_seconds": seconds})
@@ -87,13 +88,14 @@ def localize(params: Params) -> dict[str, float]:
 
 def neuron_table(rows: list[dict], tau: float) -> str:
     lines = [f"# NeMo neurons per memorized prompt (tau_mem = {tau:.3f})", "",
-             "| id | caption | copies | score | seeds kept | score after | neurons | which |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| id | caption | copies | score | seeds kept | score after | every neuron blocked | neurons | which |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         which = ", ".join(f"{layer}[{channel}]" for layer, channel in r["neurons"] or [])
         after = "not localized" if r["score_after"] is None else (
             f"{r['score_after']:.3f}" + ("" if r["reached_tau"] else " (τ not reached: the last set, refined)"))
         count = len(r["neurons"]) if r["neurons"] is not None else "–"
+        blocked = "–" if r.get("score_all_blocked") is None else f"{r['score_all_blocked']:.3f}"
         lines.append(f"| {r['id']} | {r['caption']} | {r['dup_count']} | {r['score']:.3f} | {r['seeds_kept']} | {after} "
-                     f"| {count} | {which} |")
+                     f"| {blocked} | {count} | {which} |")
     return "\n".join(lines) + "\n"
