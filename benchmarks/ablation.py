@@ -22,6 +22,7 @@ change. A change against `none` (every lever off; unpaired, so conservative) is 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -218,10 +219,9 @@ def _t_interval(point: float, parts: list[tuple[float, int]]) -> tuple[float, fl
 
 def table(results: Path) -> dict:
     by_lever: dict[str, list[dict]] = {}
-    records = sorted(results.glob("*-seed*.json"))
-    commits = sorted({json.loads(p.read_text())["commit"][:7] for p in records})
-    for path in records:
-        record = json.loads(path.read_text())
+    records = [json.loads(path.read_text()) for path in sorted(results.glob("*-seed*.json"))]
+    commits = sorted({record["commit"][:7] for record in records})
+    for record in records:
         by_lever.setdefault(record["lever"], []).append(_figures(record))
     noise = pooled_run_sd(by_lever)
     rows = {}
@@ -298,7 +298,7 @@ def current_lever() -> str | None:
     """The lever whose settings params.yaml holds now (seeds aside): the default the goals are read on."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for lever in LEVERS:
-        candidate = lever_params(yaml.safe_load((ROOT / "params.yaml").read_text()), lever, params["finetune"]["seed"])
+        candidate = lever_params(copy.deepcopy(params), lever, params["finetune"]["seed"])
         candidate["pretrain"]["seed"] = params["pretrain"]["seed"]
         if candidate == params:
             return lever

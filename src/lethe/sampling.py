@@ -76,7 +76,12 @@ def sampling_scheduler(train_scheduler: SchedulerMixin, steps: int) -> DDIMSched
 
 def first_step(model: DiffusionModel, train_scheduler: SchedulerMixin, steps: int, seeds: int):
     """The sampler's first timestep and one starting noise per seed (Wen's inputs)."""
-    return sampling_scheduler(train_scheduler, steps).timesteps[0], initial_noise(model.sample_shape, list(range(seeds)))
+    return timestep_and_noise(model, train_scheduler, steps, 0, seeds)
+
+
+def timestep_and_noise(model: DiffusionModel, train_scheduler: SchedulerMixin, steps: int, index: int, seeds: int):
+    """The `index`-th timestep of a `steps`-step DDIM schedule and the starting noises of seeds 0..seeds-1."""
+    return sampling_scheduler(train_scheduler, steps).timesteps[index], initial_noise(model.sample_shape, list(range(seeds)))
 
 
 # NeMo's code scores ε̂(x_T, t, c) − x_T at the second timestep of a 50-step DDIM schedule, on the starting
@@ -86,8 +91,7 @@ NEMO_SCHEDULE_STEPS, NEMO_STEP_INDEX = 50, 1
 
 def nemo_step(model: DiffusionModel, train_scheduler: SchedulerMixin, seeds: int):
     """NeMo's timestep and one starting noise per seed."""
-    t = sampling_scheduler(train_scheduler, NEMO_SCHEDULE_STEPS).timesteps[NEMO_STEP_INDEX]
-    return t, initial_noise(model.sample_shape, list(range(seeds)))
+    return timestep_and_noise(model, train_scheduler, NEMO_SCHEDULE_STEPS, NEMO_STEP_INDEX, seeds)
 
 
 @torch.no_grad()

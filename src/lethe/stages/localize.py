@@ -35,6 +35,9 @@ def localize(params: Params) -> dict[str, float]:
     stats, tau, target, memorized, target_scores = nemo.calibrate(model, data, t, noise, cfg.holdout_prompts)
     memorized = memorized[: cfg.max_prompts]
 
+    # NeMo's whole search space, blocked at once for each prompt: a guide to whether any set could localize it
+    # (the score need not fall as more is blocked, so not a bound)
+    every = frozenset((name, c) for name, layer in nemo.value_layers(model.unet).items() for c in range(layer.to_v.out_features))
     rows, union, started = [], set(), time.perf_counter()
     for i in progress(memorized, desc="localize: NeMo prompts", unit="prompt"):
         record, states = target[i], nemo.encode(model, [target[i]])
@@ -44,9 +47,6 @@ def localize(params: Params) -> dict[str, float]:
         begun = time.perf_counter()
         found = nemo.localize(score, z, {k: v[0] for k, v in activations.items()}, tau, cfg.iterations, cfg.batch_size)
         neurons = found.neurons if found is not None else None
-        # NeMo's whole search space blocked at once: a guide to whether any set could localize the prompt (the
-        # score need not fall as more is blocked, so not a bound)
-        every = frozenset((layer, c) for layer, channels in score.channels.items() for c in range(channels))
         all_blocked = score([every])[0] if len(score.kept) else None
         rows.append({"id": record.id, "caption": record.caption, "dup_count": record.dup_count,
                      "score": float(target_scores[i]), "seeds_kept": len(score.kept),
